@@ -1,0 +1,1 @@
+"""Architecture families, one file each. Importing a file registers its variants."""

@@ -1,0 +1,1 @@
+"""Training: trainer loop, steps, patch-size schedule, distillation, sharding, checkpoints, evals."""

@@ -1,0 +1,48 @@
+"""flexvision: JAX/Flax vision backbones that are flexible at run time."""
+
+from setuptools import find_packages, setup
+
+RUNTIME_REQUIREMENTS = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.0",
+    "numpy>=2.0",
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10",
+    "scikit-learn>=1.5",
+    "safetensors>=0.4",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+
+TEST_REQUIREMENTS = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="flexvision",
+    version="0.1.0",
+    description="Vision backbones in JAX/Flax that run at any resolution and patch size (FlexiViT and friends).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flexvision", "flexvision.*"]),
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require={"test": TEST_REQUIREMENTS},
+    entry_points={
+        "console_scripts": [
+            "flexvision-train=flexvision.train.__main__:run",
+            "flexvision-evaluate=flexvision.evaluate:run",
+            "flexvision-benchmark=flexvision.benchmark:run",
+        ]
+    },
+)
