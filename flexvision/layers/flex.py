@@ -136,13 +136,17 @@ def pi_resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int], method: s
 
     B is the resize matrix of ``method``'s patch interpolation from ``old_hw`` to ``new_hw``.
     The resized kernel is ``w' = pinv(B^T) w``; when upsampling (B^T has full row rank),
-    ``<x, w> == <B x, w'>`` for every patch x.
+    ``<x, w> == <B x, w'>`` for every patch x. B = kron(M_h, M_w) is separable, and the
+    pseudo-inverse of a Kronecker product is the Kronecker product of the pseudo-inverses, so
+    only the two small 1-D matrices are inverted.
     """
     old_hw, new_hw = to_pair(old_hw, "old patch size"), to_pair(new_hw, "new patch size")
     if old_hw == new_hw:
         return np.eye(old_hw[0] * old_hw[1])
-    resize = resize_matrix(old_hw, new_hw, _kernel_for(method, "patch"))
-    return np.linalg.pinv(resize.T)
+    kernel = _kernel_for(method, "patch")
+    rows = np.linalg.pinv(resize_matrix_1d(old_hw[0], new_hw[0], kernel).T)
+    cols = np.linalg.pinv(resize_matrix_1d(old_hw[1], new_hw[1], kernel).T)
+    return np.kron(rows, cols)
 
 
 def pi_resize_kernel(kernel_hwio: jax.Array, new_hw: int | Sequence[int], method: str
