@@ -1,0 +1,230 @@
+"""flexvision.models.vit: registry entries, parameter counts, pooling variants, training mode,
+dtype, sharding annotations and input validation."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexvision
+from flexvision.models.vit import VisionTransformer
+from tests.helpers import FIXTURES
+
+FULL_SIZE = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+             "vit_base_patch8_224", "vit_large_patch16_224", "deit_tiny_distilled_patch16_224",
+             "deit_small_distilled_patch16_224", "flexivit_small", "flexivit_base",
+             "flexivit_large"]
+
+
+def _param_count(model) -> int:
+    patch = tuple(model.patch_size)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *patch, 3)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_parameter_count_equals_the_reference(name):
+    counts = json.loads((FIXTURES / "param_counts.json").read_text())["counts"]
+    assert _param_count(flexvision.create_model(name)) == counts[name]
+
+
+def test_list_models_lists_the_family():
+    names = flexvision.list_models(family="vit")
+    for name in FULL_SIZE + ["vit_base_patch32_224", "deit_tiny_patch16_224", "vit_micro",
+                             "flexivit_micro", "deit_base_distilled_patch16_224"]:
+        assert name in names
+
+
+@pytest.mark.parametrize("variant,width,depth,heads,mlp,patch", [
+    ("Ti/16", 192, 12, 3, 768, 16), ("S/16", 384, 12, 6, 1536, 16), ("B/8", 768, 12, 12, 3072, 8),
+    ("L/16", 1024, 24, 16, 4096, 16), ("So400m/14", 1152, 27, 16, 4304, 14)])
+def test_big_vision_variant_strings(variant, width, depth, heads, mlp, patch):
+    model = flexvision.create_model(variant, num_classes=10)
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (width, depth, heads, mlp)
+    assert tuple(model.patch_size) == (patch, patch)
+    assert tuple(model.posemb_grid) == (224 // patch, 224 // patch)
+    assert model.resize == "big_vision" and model.gelu_approximate and not model.posemb_prefix
+    assert model.num_classes == 10
+
+
+def test_unknown_names_raise_value_error():
+    with pytest.raises(ValueError, match=r"unknown model name 'X/16'.*list_models"):
+        flexvision.create_model("X/16")
+    with pytest.raises(ValueError, match=r"unknown model name 'flexivit_tiny'.*Did you mean"):
+        flexvision.create_model("flexivit_tiny")
+
+
+def _micro(**overrides):
+    return flexvision.create_model("flexivit_micro", **{"num_classes": 5, "depth": 2, **overrides})
+
+
+def _init(model, images, seed=1):
+    """model.init under jit (op-by-op dispatch is slow on a loaded CPU)."""
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), images)
+
+
+def _apply(model, variables, images, **kwargs):
+    """model.apply under jit; patch_size, train and method are static."""
+    return jax.jit(model.apply, static_argnames=("patch_size", "train", "method"))(
+        variables, images, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    model = _micro()
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 48, 3))
+    variables = _init(model, images, 1)
+    return model, variables, images
+
+
+def test_every_parameter_has_logical_axis_names(micro):
+    _, variables, _ = micro
+    leaves = jax.tree_util.tree_leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+
+
+def test_features_and_any_patch_size(micro):
+    model, variables, images = micro
+    apply = jax.jit(model.apply, static_argnames=("patch_size", "method"))
+    for patch, grid in ((8, (6, 6)), (4, (12, 12)), (16, (3, 3)), ((12, 6), (4, 8))):
+        feats = apply(variables, images, patch_size=patch, method="features")
+        tokens = 1 + grid[0] * grid[1]
+        assert feats["patch_embed"].shape == (2, *grid, 96)
+        assert [feats[f"block{i}"].shape for i in range(2)] == [(2, tokens, 96)] * 2
+        assert feats["feature_map"].shape == (2, *grid, 96)
+        np.testing.assert_array_equal(feats["pre_logits"], feats["encoded"][:, 0])
+        logits = apply(variables, images, patch_size=patch)
+        assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
+    base = apply(variables, images)
+    np.testing.assert_array_equal(base, apply(variables, images, patch_size=8))
+    wide = jax.random.normal(jax.random.PRNGKey(2), (1, 32, 80, 3))
+    assert apply(variables, wide, patch_size=16).shape == (1, 5)
+
+
+def test_train_mode_uses_dropout_and_drop_path():
+    model = _micro(dropout=0.1, drop_path=0.2)
+    images = jnp.ones((2, 16, 16, 3))
+    variables = _init(model, images, 0)
+    eval_a = _apply(model, variables, images)
+    eval_b = _apply(model, variables, images)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    train_b = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert np.abs(np.asarray(train_a) - np.asarray(train_b)).max() > 0
+
+    def loss(params):
+        out = model.apply({"params": params}, images, train=True, patch_size=4,
+                          rngs={"dropout": jax.random.PRNGKey(3)})
+        return jnp.sum(out ** 2)
+
+    grads = jax.jit(jax.grad(loss))(nn.meta.unbox(variables["params"]))
+    assert grads["patch_embed"]["kernel"].shape == (8, 8, 3, 96)
+    assert float(jnp.abs(grads["patch_embed"]["kernel"]).sum()) > 0
+
+
+def test_deit_returns_both_heads_in_training_and_their_mean_in_eval():
+    model = flexvision.create_model("deit_tiny_distilled_patch16_224", num_classes=4, depth=1)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 48, 3))
+    variables = _init(model, images, 1)
+    cls_logits, dist_logits = _apply(model, variables, images, train=True)
+    np.testing.assert_allclose(_apply(model, variables, images), (cls_logits + dist_logits) / 2,
+                               atol=1e-6)
+    assert nn.meta.unbox(variables["params"])["pos_embed"].shape == (1, 2 + 14 * 14, 192)
+    single = model.clone(distilled_training=False)
+    assert _apply(single, variables, images, train=True).shape == (2, 4)
+
+
+@pytest.mark.parametrize("overrides,extra_params", [
+    (dict(pool_type="gap", class_token=False, fc_norm=True), {"fc_norm"}),
+    (dict(pool_type="gap", class_token=True), set()),
+    (dict(pool_type="map", class_token=False), {"attn_pool"}),
+    (dict(pool_type="tok", num_reg_tokens=4), {"reg_token"}),
+    (dict(pool_type="none", class_token=False, num_classes=0), set()),
+])
+def test_pooling_variants(overrides, extra_params):
+    model = _micro(**overrides)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 24, 3))
+    variables = _init(model, images, 1)
+    params = nn.meta.unbox(variables["params"])
+    assert extra_params <= set(params)
+    feats = _apply(model, variables, images, method="features")
+    out = _apply(model, variables, images)
+    prefix = model.num_prefix_tokens
+    if model.pool_type == "none":
+        assert out.shape == (2, prefix + 2 * 3, 96)
+        return
+    assert out.shape == (2, 5)
+    if model.pool_type == "gap" and not model.fc_norm:
+        np.testing.assert_allclose(feats["pre_logits"], feats["encoded"][:, prefix:].mean(1),
+                                   atol=1e-6)
+    if model.pool_type == "map":
+        _check_map_head(params["attn_pool"], feats["encoded"], feats["pre_logits"])
+
+
+def _layer_norm(x, p, eps=1e-6):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _check_map_head(p, tokens, pooled, heads=3):
+    """big_vision MAPHead in NumPy: probe attends over the tokens, then probe + MLP(LN(probe))."""
+    p = jax.tree_util.tree_map(np.asarray, p)
+    tokens = np.asarray(tokens, np.float64)
+    batch, length, width = tokens.shape
+    head_dim = width // heads
+    q = (p["latent"][0] @ p["q"]["kernel"] + p["q"]["bias"]).reshape(1, heads, head_dim)
+    kv = (tokens @ p["kv"]["kernel"] + p["kv"]["bias"]).reshape(batch, length, 2, heads, head_dim)
+    logits = np.einsum("qhd,bkhd->bhqk", q, kv[:, :, 0]) / np.sqrt(head_dim)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attended = np.einsum("bhqk,bkhd->bqhd", probs, kv[:, :, 1]).reshape(batch, width)
+    x = attended @ p["proj"]["kernel"] + p["proj"]["bias"]
+    hidden = _layer_norm(x, p["norm"]) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+    hidden = np.asarray(jax.nn.gelu(hidden, approximate=False))
+    expected = x + hidden @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+    np.testing.assert_allclose(pooled, expected, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = _micro(dtype=jnp.bfloat16)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = _init(model, images, 1)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    out = _apply(model, variables, images, patch_size=4)
+    assert out.dtype == jnp.bfloat16
+    ref = _apply(model.clone(dtype=None), variables, images, patch_size=4)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1 * max(1.0, float(
+        np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("shape,patch,message", [
+    ((48, 48, 3), None, r"NHWC with 3 channels.*got \(48, 48, 3\)"),
+    ((1, 48, 48, 1), None, r"NHWC with 3 channels.*got \(1, 48, 48, 1\)"),
+    ((1, 48, 44, 3), 8, r"patch size 8x8 does not tile a 48x44 image.*\[1, 2, 4\]"),
+    ((1, 4, 48, 3), None, r"4x48 pixels is smaller than one 8x8 patch"),
+])
+def test_bad_input_raises_value_error(micro, shape, patch, message):
+    model, variables, _ = micro
+    with pytest.raises(ValueError, match=message):
+        _apply(model, variables, jnp.ones(shape), patch_size=patch)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(pool_type="avg"), r"pool_type='avg' is unknown; accepted"),
+    (dict(pool_type="tok", class_token=False), r"set class_token=True"),
+    (dict(resize="bicubic"), r"resize='bicubic' is unknown; accepted"),
+    (dict(num_heads=5), r"width=96 is not divisible by num_heads=5"),
+    (dict(dist_token=True, pool_type="gap"), r"dist_token=True \(DeiT\) needs"),
+])
+def test_bad_config_raises_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(_micro(**overrides).init, jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 3)))
+
+
+def test_module_is_the_documented_class():
+    assert isinstance(flexvision.create_model("vit_micro"), VisionTransformer)
