@@ -58,7 +58,7 @@ def test_unknown_names_raise_value_error():
 
 
 def _micro(**overrides):
-    return flexvision.create_model("flexivit_micro", **{"num_classes": 5, "depth": 2, **overrides})
+    return flexvision.create_model("flexivit_micro", **{"num_classes": 5, "depth": 1, **overrides})
 
 
 def _init(model, images, seed=1):
@@ -91,38 +91,39 @@ def test_every_parameter_has_logical_axis_names(micro):
 def test_features_and_any_patch_size(micro):
     model, variables, images = micro
     apply = jax.jit(model.apply, static_argnames=("patch_size", "method"))
-    for patch, grid in ((8, (6, 6)), (4, (12, 12)), (16, (3, 3)), ((12, 6), (4, 8))):
+    for patch, grid in ((4, (12, 12)), ((12, 6), (4, 8))):
         feats = apply(variables, images, patch_size=patch, method="features")
         tokens = 1 + grid[0] * grid[1]
         assert feats["patch_embed"].shape == (2, *grid, 96)
-        assert [feats[f"block{i}"].shape for i in range(2)] == [(2, tokens, 96)] * 2
+        assert feats["block0"].shape == (2, tokens, 96) and "block1" not in feats
         assert feats["feature_map"].shape == (2, *grid, 96)
         np.testing.assert_array_equal(feats["pre_logits"], feats["encoded"][:, 0])
         logits = apply(variables, images, patch_size=patch)
         assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
     base = apply(variables, images)
     np.testing.assert_array_equal(base, apply(variables, images, patch_size=8))
-    wide = jax.random.normal(jax.random.PRNGKey(2), (1, 32, 80, 3))
-    assert apply(variables, wide, patch_size=16).shape == (1, 5)
 
 
 def test_train_mode_uses_dropout_and_drop_path():
     model = _micro(dropout=0.1, drop_path=0.2)
     images = jnp.ones((2, 16, 16, 3))
     variables = _init(model, images, 0)
-    eval_a = _apply(model, variables, images)
-    eval_b = _apply(model, variables, images)
+    params = nn.meta.unbox(variables["params"])
+
+    @jax.jit
+    def run(params, key):
+        def loss(params):
+            out = model.apply({"params": params}, images, train=True, patch_size=4,
+                              rngs={"dropout": key})
+            return jnp.sum(out ** 2), out
+
+        (_, train_out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return model.apply({"params": params}, images), train_out, grads
+
+    eval_a, train_a, grads = run(params, jax.random.PRNGKey(1))
+    eval_b, train_b, _ = run(params, jax.random.PRNGKey(2))
     np.testing.assert_array_equal(eval_a, eval_b)
-    train_a = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    train_b = _apply(model, variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     assert np.abs(np.asarray(train_a) - np.asarray(train_b)).max() > 0
-
-    def loss(params):
-        out = model.apply({"params": params}, images, train=True, patch_size=4,
-                          rngs={"dropout": jax.random.PRNGKey(3)})
-        return jnp.sum(out ** 2)
-
-    grads = jax.jit(jax.grad(loss))(nn.meta.unbox(variables["params"]))
     assert grads["patch_embed"]["kernel"].shape == (8, 8, 3, 96)
     assert float(jnp.abs(grads["patch_embed"]["kernel"]).sum()) > 0
 
@@ -149,11 +150,16 @@ def test_deit_returns_both_heads_in_training_and_their_mean_in_eval():
 def test_pooling_variants(overrides, extra_params):
     model = _micro(**overrides)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 24, 3))
-    variables = _init(model, images, 1)
+
+    @jax.jit
+    def init_and_run(images):  # one compilation for init, features and logits
+        variables = model.init(jax.random.PRNGKey(1), images)
+        return (variables, model.apply(variables, images, method="features"),
+                model.apply(variables, images))
+
+    variables, feats, out = init_and_run(images)
     params = nn.meta.unbox(variables["params"])
     assert extra_params <= set(params)
-    feats = _apply(model, variables, images, method="features")
-    out = _apply(model, variables, images)
     prefix = model.num_prefix_tokens
     if model.pool_type == "none":
         assert out.shape == (2, prefix + 2 * 3, 96)
