@@ -10,9 +10,9 @@ from tests.helpers import assert_parity, load_fixture, parity_error, state_dict_
 
 
 def _apply(model, variables, images, **kwargs):
-    """model.apply under jit (patch_size and train static): faster than op-by-op on CPU."""
-    return jax.jit(model.apply, static_argnames=("patch_size", "train"))(variables, images,
-                                                                           **kwargs)
+    """model.apply under jit (patch_size, train, method static): faster than op-by-op on CPU."""
+    apply = jax.jit(model.apply, static_argnames=("patch_size", "train", "method"))
+    return apply(variables, images, **kwargs)
 
 
 def _report(what, ours, ref):
@@ -132,3 +132,84 @@ def test_checkpoint_that_does_not_fit_raises():
         convert.from_timm("vit_unknown_patch3", state_dict_of(arrays))
     with pytest.raises(ValueError, match=r"not a big_vision ViT checkpoint"):
         convert.from_big_vision(state_dict_of(arrays))
+
+
+def _big_vision_arrays(pool, width=24, depth=2, heads=2, mlp=48, classes=3, patch=4, grid=3,
+                       prefix="params/"):
+    """Random big_vision ViT arrays with the shapes and names of big_vision's models/vit.py."""
+    rng = np.random.default_rng(0)
+    head_dim = width // heads
+    shapes = {"embedding/kernel": (patch, patch, 3, width), "embedding/bias": (width,),
+              "pos_embedding": (1, grid * grid, width), "Transformer/encoder_norm/scale": (width,),
+              "Transformer/encoder_norm/bias": (width,), "head/kernel": (width, classes),
+              "head/bias": (classes,)}
+
+    def attention(scope):
+        for name in ("query", "key", "value"):
+            shapes[f"{scope}/{name}/kernel"] = (width, heads, head_dim)
+            shapes[f"{scope}/{name}/bias"] = (heads, head_dim)
+        shapes[f"{scope}/out/kernel"] = (heads, head_dim, width)
+        shapes[f"{scope}/out/bias"] = (width,)
+
+    def mlp_block(scope):
+        shapes.update({f"{scope}/Dense_0/kernel": (width, mlp), f"{scope}/Dense_0/bias": (mlp,),
+                       f"{scope}/Dense_1/kernel": (mlp, width), f"{scope}/Dense_1/bias": (width,)})
+
+    for i in range(depth):
+        block = f"Transformer/encoderblock_{i}"
+        for norm in ("LayerNorm_0", "LayerNorm_1"):
+            shapes[f"{block}/{norm}/scale"] = shapes[f"{block}/{norm}/bias"] = (width,)
+        attention(f"{block}/MultiHeadDotProductAttention_0")
+        mlp_block(f"{block}/MlpBlock_0")
+    if pool == "tok":
+        shapes["cls"] = (1, 1, width)
+    if pool == "map":
+        shapes["MAPHead_0/probe"] = (1, 1, width)
+        attention("MAPHead_0/MultiHeadDotProductAttention_0")
+        shapes["MAPHead_0/LayerNorm_0/scale"] = shapes["MAPHead_0/LayerNorm_0/bias"] = (width,)
+        mlp_block("MAPHead_0/MlpBlock_0")
+    return {prefix + k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("pool,prefix", [("gap", ""), ("map", "params/"), ("tok", "")])
+def test_big_vision_import_infers_pooling_and_fuses_attention(pool, prefix):
+    arrays = _big_vision_arrays(pool, prefix=prefix)
+    model, variables = convert.from_big_vision(arrays)
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (
+        24, 2, 2, 48, 3)
+    assert model.pool_type == pool and model.class_token == (pool == "tok")
+    assert tuple(model.patch_size) == (4, 4) and tuple(model.posemb_grid) == (3, 3)
+    params = variables["params"]
+    attn = f"{prefix}Transformer/encoderblock_1/MultiHeadDotProductAttention_0"
+    qkv = params["blocks_1"]["attn"]["qkv"]["kernel"].reshape(24, 3, 2, 12)
+    for index, name in enumerate(("query", "key", "value")):
+        np.testing.assert_array_equal(qkv[:, index], arrays[f"{attn}/{name}/kernel"])
+    np.testing.assert_array_equal(params["blocks_1"]["attn"]["proj"]["kernel"],
+                                  arrays[f"{attn}/out/kernel"].reshape(24, 24))
+    if pool == "map":
+        kv = params["attn_pool"]["kv"]["kernel"].reshape(24, 2, 2, 12)
+        np.testing.assert_array_equal(kv[:, 1], arrays[f"{prefix}MAPHead_0/"
+                                                       "MultiHeadDotProductAttention_0/value/kernel"])
+    images = np.random.default_rng(1).normal(size=(1, 12, 12, 3)).astype(np.float32)
+    feats = _apply(model, variables, images, method="features")
+    if pool == "gap":  # big_vision: encoder_norm on every token, then the mean
+        np.testing.assert_allclose(feats["pre_logits"], np.mean(feats["encoded"], axis=1),
+                                   atol=1e-5)
+    assert _apply(model, variables, images, patch_size=6).shape == (1, 3)
+
+
+def test_timm_kwargs_translate_to_the_config():
+    from flexvision.convert.vit import timm_config
+
+    gap = timm_config("vit_base_patch16_224.augreg_in21k", global_pool="avg", class_token=False,
+                      reg_tokens=4, no_embed_class=True, img_size=256, embed_dim=192,
+                      num_heads=3, mlp_ratio=2.0, dynamic_img_size=True)
+    assert (gap["pool_type"], gap["fc_norm"], gap["class_token"], gap["num_reg_tokens"]) == (
+        "gap", True, False, 4)
+    assert not gap["posemb_prefix"] and gap["posemb_grid"] == (16, 16) and gap["mlp_dim"] == 384
+    flexi = timm_config("flexivit_small", patch_size=8)
+    assert flexi["patch_size"] == (8, 8) and flexi["posemb_grid"] == (30, 30)
+    with pytest.raises(ValueError, match=r"global_pool='max' is not supported; accepted"):
+        timm_config("vit_small_patch16_224", global_pool="max")
+    with pytest.raises(ValueError, match=r"timm kwarg init_values other than None"):
+        timm_config("vit_small_patch16_224", init_values=1e-5)
