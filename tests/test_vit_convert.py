@@ -188,8 +188,8 @@ def test_big_vision_import_infers_pooling_and_fuses_attention(pool, prefix):
                                   arrays[f"{attn}/out/kernel"].reshape(24, 24))
     if pool == "map":
         kv = params["attn_pool"]["kv"]["kernel"].reshape(24, 2, 2, 12)
-        np.testing.assert_array_equal(kv[:, 1], arrays[f"{prefix}MAPHead_0/"
-                                                       "MultiHeadDotProductAttention_0/value/kernel"])
+        value = f"{prefix}MAPHead_0/MultiHeadDotProductAttention_0/value/kernel"
+        np.testing.assert_array_equal(kv[:, 1], arrays[value])
     images = np.random.default_rng(1).normal(size=(1, 12, 12, 3)).astype(np.float32)
     feats = _apply(model, variables, images, method="features")
     if pool == "gap":  # big_vision: encoder_norm on every token, then the mean

@@ -249,8 +249,8 @@ def _big_vision_params(flat: StateDict) -> dict[str, np.ndarray]:
     move("head/kernel", "head/kernel")
     move("head/bias", "head/bias")
     for key in sorted(flat):
-        match = re.match(r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_0/query/kernel$",
-                         key)
+        match = re.match(
+            r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_0/query/kernel$", key)
         if not match:
             continue
         src, dst = f"Transformer/encoderblock_{match[1]}", f"blocks_{match[1]}"
@@ -280,7 +280,7 @@ def _big_vision_params(flat: StateDict) -> dict[str, np.ndarray]:
 
 
 @register_converter("big_vision", names={"vit"},
-                    description="big_vision ViT / FlexiViT (models/vit.py, models/proj/flexi/vit.py)")
+                    description="big_vision ViT / FlexiViT (models/vit.py, proj/flexi/vit.py)")
 def convert_big_vision(state_dict: StateDict, **overrides: Any):
     """big_vision ViT arrays -> (VisionTransformer with big_vision semantics, variables).
 

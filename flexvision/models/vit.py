@@ -30,7 +30,6 @@ semantics (see :func:`resolve_big_vision_variant`).
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Sequence
 
@@ -194,12 +193,11 @@ class VisionTransformer(nn.Module):
         tokens = patch_map.reshape(batch, grid_h * grid_w, self.width)
 
         prefix = []
-        for name, present, count in (("cls_token", self.class_token, 1),
-                                     ("dist_token", self.dist_token, 1),
-                                     ("reg_token", self.num_reg_tokens > 0, self.num_reg_tokens)):
-            if present:
-                table = self.param(name, param_init(nn.initializers.normal(1e-6 if name == "cls_token"
-                                                                           else 0.02),
+        for name, count, std in (("cls_token", int(self.class_token), 1e-6),
+                                 ("dist_token", int(self.dist_token), 0.02),
+                                 ("reg_token", self.num_reg_tokens, 1e-6)):  # timm's inits
+            if count:
+                table = self.param(name, param_init(nn.initializers.normal(std),
                                                     (None, "tokens", "embed")),
                                    (1, count, self.width), jnp.float32)
                 prefix.append(jnp.broadcast_to(table.astype(dtype), (batch, count, self.width)))
