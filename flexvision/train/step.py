@@ -52,7 +52,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     ) -> Callable[[State, dict], tuple[State, dict]]:
     """One optimizer step at ``patch_size``: (state, batch) -> (new state, metrics).
 
-    Metrics: loss (mean over the batch), grad_norm, finite (loss and gradients all finite).
+    Metrics: loss (mean over the batch), grad_norm, param_norm (after the update), finite
+    (loss, gradients and updated parameters all finite: the NaN guard reads it).
     ``loss_fn(logits, labels) -> [B]`` is the per-example loss (see ``train.losses``).
     """
     kwargs = model_kwargs(model, patch_size)
@@ -83,9 +84,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                          opt_state=opt_state)
         if has_bn:
             new_state["batch_stats"] = updates["batch_stats"]
-        grad_norm = optax.global_norm(grads)
-        metrics = {"loss": loss, "grad_norm": grad_norm,
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+        grad_norm = optax.tree.norm(grads)
+        param_norm = optax.tree.norm(new_state["params"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                   & jnp.isfinite(param_norm)}
         return new_state, metrics
 
     return train_step

@@ -235,6 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 rate = progress.log(step, loss=f"{values['loss']:.4f}", ps=patch_size)
                 writer.write(step, {"train/loss": values["loss"],
                                     "train/grad_norm": values["grad_norm"],
+                                    "train/param_norm": values["param_norm"],
                                     "train/lr": float(schedule(step - 1)),
                                     "train/images_per_second": rate})
             if eval_every and step % eval_every == 0 and step < total_steps:
