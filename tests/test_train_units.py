@@ -89,3 +89,28 @@ def test_mixup_mixes_neighbours_and_keeps_label_mass():
     np.testing.assert_allclose(mixed_images[1, 0, 0, 0], lam * 1 + (1 - lam) * 0, rtol=1e-6)
     with pytest.raises(ValueError, match="alpha must be positive"):
         mixup(jax.random.key(0), images, labels, alpha=0.0)
+
+
+@pytest.mark.parametrize("name, arg", [("flexivit_digits", None), ("vit_digits", None),
+                                       ("flexivit_i1k", None), ("flexivit_i1k", "small,epochs=300"),
+                                       ("vit_i1k", "base,patch=30")])
+def test_configs_resolve(name, arg):
+    import importlib.util
+    import os
+
+    import flexvision
+    from flexvision.data import ops
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    assert "python -m flexvision.train --config configs/" in module.__doc__
+    ops.parse(config.input.pp)
+    ops.parse(config.eval.pp)
+    flexvision.create_model(config.model.name, **dict(config.model.kwargs))
+    optim.make_optimizer(config)
+    if config.flexi is not None:
+        flexi.patch_size_distribution(config.flexi)
+    assert config.input.batch_size % 8 == 0 and config.total_steps > 0
