@@ -11,7 +11,7 @@
 
 Results: ``{split: {"accuracy": {"<ps>": a}, "loss": {"<ps>": l},
 "by_resolution": {"<res>": {"accuracy": ..., "loss": ...}}}}``, where the top-level
-accuracy/loss use the first resolution.
+accuracy/loss use the first resolution; a patch size that does not tile a resolution gets None.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ DEFAULT = "default"
 
 def _key(value) -> str:
     return DEFAULT if value is None else str(value)
+
+
+def tiles(patch_size: int | None, resolution: int | None) -> bool:
+    """Whether square patches of ``patch_size`` tile a ``resolution`` image (unknown: yes)."""
+    return patch_size is None or resolution is None or resolution % patch_size == 0
 
 
 class Evaluator:
@@ -60,7 +65,8 @@ class Evaluator:
 
     def evaluate_split(self, variables, split: str) -> dict:
         """The accuracy/loss table of one split."""
-        sums: dict[tuple, list] = {(p, r): [] for r in self.resolutions for p in self.patch_sizes}
+        sums: dict[tuple, list] = {(p, r): [] for r in self.resolutions for p in self.patch_sizes
+                                   if tiles(p, r)}
         for batch in pipeline.eval_batches(self.input_config, self.eval_config.pp, split,
                                            self.eval_config.batch_size):
             batch = to_global(batch, self.mesh)
@@ -70,6 +76,9 @@ class Evaluator:
         for resolution in self.resolutions:
             accuracy, loss = {}, {}
             for patch_size in self.patch_sizes:
+                if (patch_size, resolution) not in sums:  # the patch size does not tile it
+                    accuracy[_key(patch_size)] = loss[_key(patch_size)] = None
+                    continue
                 totals = jax.device_get(sums[(patch_size, resolution)])
                 correct = sum(float(t["correct"]) for t in totals)
                 count = max(sum(float(t["count"]) for t in totals), 1.0)
@@ -93,6 +102,8 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
             suffix = "" if res == NATIVE else f"@res{res}"
             for metric in ("accuracy", "loss"):
                 for ps, value in sub[metric].items():
+                    if value is None:
+                        continue
                     flat[f"{split}/{metric}/ps{ps}{suffix}"] = value
     return flat
 
@@ -104,8 +115,10 @@ def format_table(table: dict, title: str = "") -> str:
     header = ["patch size"] + [f"acc@{r}" for r in resolutions] + [f"loss@{r}" for r in resolutions]
     rows = [header]
     for ps in by_res[resolutions[0]]["accuracy"]:
-        rows.append([ps] + [f"{100 * by_res[r]['accuracy'][ps]:.2f}%" for r in resolutions]
-                    + [f"{by_res[r]['loss'][ps]:.4f}" for r in resolutions])
+        accs = [by_res[r]["accuracy"][ps] for r in resolutions]
+        losses = [by_res[r]["loss"][ps] for r in resolutions]
+        rows.append([ps] + ["-" if a is None else f"{100 * a:.2f}%" for a in accs]
+                    + ["-" if l is None else f"{l:.4f}" for l in losses])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [title] if title else []
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -134,7 +147,7 @@ def plot_accuracy(table: dict, path: str, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for res, sub in table["by_resolution"].items():
-        labels = list(sub["accuracy"])
+        labels = [l for l, a in sub["accuracy"].items() if a is not None]
         numeric = all(l.isdigit() for l in labels)
         xs = [int(l) for l in labels] if numeric else np.arange(len(labels))
         ax.plot(xs, [100 * sub["accuracy"][l] for l in labels], marker="o",
