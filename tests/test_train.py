@@ -100,6 +100,7 @@ def _restore_params(config, workdir, step):
 
 def test_one_and_eight_devices_give_the_same_losses(data_dir, cache_dir, tmp_path):
     config = tiny_config(data_dir, cache_dir, total_steps=3, checkpoint_every=0)
+    config.eval.patch_sizes = (8,)
     runs = {n: _cli(config, tmp_path / f"run{n}", tmp_path, devices=n) for n in (1, 8)}
     for n, proc in runs.items():
         out, err = proc.communicate(timeout=300)
@@ -190,3 +191,49 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data_dir, cache_dir,
     checkpointer.close()
     state, _ = _restore_params(tiny_config(data_dir, cache_dir, total_steps=2), workdir, 2)
     assert all(np.isfinite(x).all() for x in jax_leaves(state["params"]))
+
+
+class _TinyBatchNormNet:
+    """A conv + BatchNorm classifier without patch_size: the trainer must thread batch_stats."""
+
+    @staticmethod
+    def build(num_classes=10):
+        import flax.linen as nn
+
+        class TinyBatchNormNet(nn.Module):
+            num_classes: int = 10
+
+            @nn.compact
+            def __call__(self, images, *, train=False):
+                x = nn.Conv(8, (3, 3), strides=(2, 2))(images)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+                x = nn.relu(x).mean(axis=(1, 2))
+                return nn.Dense(self.num_classes)(x)
+
+        return TinyBatchNormNet(num_classes=num_classes)
+
+
+def test_batchnorm_model_without_patch_size_trains(data_dir, cache_dir, tmp_path, monkeypatch):
+    from flexvision.train import trainer as trainer_module
+    from flexvision.train.trainer import train_and_evaluate
+
+    # Not registered: other test files iterate over every registered model.
+    monkeypatch.setattr(trainer_module, "build_model", lambda config: _TinyBatchNormNet.build())
+    config = tiny_config(data_dir, cache_dir, total_steps=2)
+    config.model.name = "tiny_batchnorm_net"
+    config.model.kwargs = ml_collections.ConfigDict({"num_classes": 10})
+    config.eval.patch_sizes = ()
+    final = train_and_evaluate(config, str(tmp_path / "bn"))
+    assert list(final["accuracy"]) == ["default"]
+    from flexvision.train import optim, sharding, trainer
+    from flexvision.train.checkpoint import Checkpointer
+
+    model = trainer.build_model(config)
+    tx, _ = optim.make_optimizer(config)
+    abstract, _ = trainer.abstract_train_state(model, tx, (16, 16, 3), config,
+                                               sharding.create_mesh([("data", -1)]))
+    checkpointer = Checkpointer(str(tmp_path / "bn" / "checkpoints"))
+    state, _ = checkpointer.restore(2, abstract)
+    checkpointer.close()
+    mean = np.asarray(state["batch_stats"]["BatchNorm_0"]["mean"])
+    assert np.abs(mean).max() > 0  # running statistics were updated by the train steps
