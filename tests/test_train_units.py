@@ -114,3 +114,29 @@ def test_configs_resolve(name, arg):
     if config.flexi is not None:
         flexi.patch_size_distribution(config.flexi)
     assert config.input.batch_size % 8 == 0 and config.total_steps > 0
+
+
+def test_train_step_targets_hook_replaces_the_labels():
+    import flax.linen as nn
+    import optax
+
+    from flexvision.train.step import make_train_step
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, images, *, train=False):
+            return nn.Dense(3)(images.reshape(images.shape[0], -1))
+
+    model = Linear()
+    images = jnp.ones((2, 2, 2, 1))
+    params = model.init(jax.random.key(0), images)["params"]
+    tx = optax.sgd(0.0)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    batch = {"image": images, "labels": jax.nn.one_hot(jnp.array([0, 1]), 3)}
+    teacher = jax.nn.one_hot(jnp.array([2, 2]), 3)
+    loss = losses.get_loss("softmax_xent")
+    step = make_train_step(model, tx, loss, seed=0, targets_fn=lambda x, y: teacher)
+    _, metrics = jax.jit(step)(dict(state), batch)
+    logits = model.apply({"params": params}, images)
+    np.testing.assert_allclose(metrics["loss"], loss(logits, teacher).mean(), rtol=1e-6)
+    assert bool(metrics["finite"])

@@ -152,10 +152,13 @@ def _non_finite_error(step_range: tuple[int, int], last_good: int | None, direct
         f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
-    saving on SIGTERM and FloatingPointError on a non-finite loss."""
+    saving on SIGTERM and FloatingPointError on a non-finite loss.
+
+    ``loss_fn`` (per-example, default from ``config.loss``) and ``targets_fn`` (see
+    ``step.make_train_step``) let a distillation mode swap the objective and add a teacher."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config)
@@ -165,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
     model = build_model(config)
     tx, schedule = optim.make_optimizer(config)
-    loss_fn = make_loss(config)
+    loss_fn = loss_fn or make_loss(config)
     flexible = accepts_patch_size(model) and config.get("flexi") is not None and bool(
         config.flexi.get("patch_sizes"))
 
@@ -190,7 +193,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def train_step_for(patch_size):
         if patch_size not in step_fns:
             fn = make_train_step(model, tx, loss_fn, seed=seed, patch_size=patch_size,
-                                 mixup_alpha=float(config.get("mixup_alpha", 0.0) or 0.0))
+                                 mixup_alpha=float(config.get("mixup_alpha", 0.0) or 0.0),
+                                 targets_fn=targets_fn)
             step_fns[patch_size] = jax.jit(
                 fn, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
         return step_fns[patch_size]
