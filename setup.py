@@ -18,6 +18,7 @@ RUNTIME_REQUIREMENTS = [
     "safetensors>=0.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "importlib-resources>=6",  # needed by tensorflow-datasets to build datasets locally
 ]
 
 TEST_REQUIREMENTS = [

@@ -1,0 +1,124 @@
+"""Train and eval step factories: pure functions of (state, batch), jitted per patch size.
+
+The train state is a plain dict pytree::
+
+    {"step": int32[], "params": ..., "opt_state": ..., ["batch_stats": ...]}
+
+Batches are dicts with "image" [B, H, W, C] and "labels" [B, K] (one-hot or soft); eval
+batches also carry "_mask" [B] (0 for padding rows). A step's randomness (dropout, drop path,
+mixup) is derived from (seed, step) inside the step, so it needs no rng in the state and a
+resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flexvision.data.mixup import mixup
+
+State = dict[str, Any]
+
+
+def accepts_patch_size(model: nn.Module) -> bool:
+    """Whether ``model.__call__`` takes a ``patch_size`` argument (FlexiViT-style models)."""
+    return "patch_size" in inspect.signature(type(model).__call__).parameters
+
+
+def model_kwargs(model: nn.Module, patch_size: int | None) -> dict[str, Any]:
+    """Keyword arguments selecting ``patch_size`` for models that support it."""
+    if patch_size is None:
+        return {}
+    if not accepts_patch_size(model):
+        raise ValueError(f"{type(model).__name__} has no patch_size argument; leave "
+                         f"config.flexi / eval patch sizes unset for this model")
+    return {"patch_size": int(patch_size)}
+
+
+def step_rngs(seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(dropout key, mixup key) of one step: fold_in(key(seed), step), split in two."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return tuple(jax.random.split(key))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array], *, seed: int,
+                    patch_size: int | None = None, mixup_alpha: float = 0.0,
+                    targets_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
+    """One optimizer step at ``patch_size``: (state, batch) -> (new state, metrics).
+
+    Metrics: loss (mean over the batch), grad_norm, param_norm (after the update), finite
+    (loss, gradients and updated parameters all finite: the NaN guard reads it).
+    ``loss_fn(logits, labels) -> [B]`` is the per-example loss (see ``train.losses``).
+    ``targets_fn(images, labels) -> targets`` (optional) replaces the labels the loss sees,
+    after mixup: the hook for distillation, where a frozen teacher (its params closed over,
+    outside the gradient) turns the same images into soft targets.
+    """
+    kwargs = model_kwargs(model, patch_size)
+
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        dropout_rng, mixup_rng = step_rngs(seed, state["step"])
+        images, labels = batch["image"], batch["labels"]
+        if mixup_alpha:
+            images, labels = mixup(mixup_rng, images, labels, mixup_alpha)
+        if targets_fn is not None:
+            labels = jax.lax.stop_gradient(targets_fn(images, labels))
+        has_bn = "batch_stats" in state
+
+        def loss_of(params):
+            variables = {"params": params}
+            if has_bn:
+                variables["batch_stats"] = state["batch_stats"]
+                logits, updates = model.apply(variables, images, train=True,
+                                              rngs={"dropout": dropout_rng},
+                                              mutable=["batch_stats"], **kwargs)
+            else:
+                logits, updates = model.apply(variables, images, train=True,
+                                              rngs={"dropout": dropout_rng}, **kwargs), {}
+            return jnp.mean(loss_fn(logits, labels)), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(state, step=state["step"] + 1,
+                         params=optax.apply_updates(state["params"], param_updates),
+                         opt_state=opt_state)
+        if has_bn:
+            new_state["batch_stats"] = updates["batch_stats"]
+        grad_norm = optax.tree.norm(grads)
+        param_norm = optax.tree.norm(new_state["params"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                   & jnp.isfinite(param_norm)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, loss_fn: Callable[[jax.Array, jax.Array], jax.Array], *,
+                   patch_size: int | None = None, resolution: int | None = None,
+                   ) -> Callable[[dict, dict], dict]:
+    """(variables, batch) -> sums of correct top-1, loss and count over unpadded examples.
+
+    ``resolution``: resize the batch's images to resolution x resolution (bilinear) first.
+    """
+    kwargs = model_kwargs(model, patch_size)
+
+    def eval_step(variables: dict, batch: dict) -> dict:
+        images = batch["image"]
+        if resolution is not None and images.shape[1:3] != (resolution, resolution):
+            shape = (images.shape[0], resolution, resolution, images.shape[3])
+            images = jax.image.resize(images, shape, method="bilinear")
+        logits = model.apply(variables, images, train=False, **kwargs)
+        mask = batch["_mask"]
+        correct = jnp.argmax(logits, -1) == jnp.argmax(batch["labels"], -1)
+        return {"correct": jnp.sum(correct * mask),
+                "loss": jnp.sum(loss_fn(logits, batch["labels"]) * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step

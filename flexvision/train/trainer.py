@@ -1,0 +1,284 @@
+"""The training loop: ``train_and_evaluate(config, workdir)`` (see configs/*.py for the keys).
+
+Flow: mesh -> model + optimizer -> train state created already sharded (eval_shape ->
+``sharding.tree_shardings`` -> jit(init, out_shardings)) -> restore the latest checkpoint in
+workdir/checkpoints -> input pipeline from that step -> loop (patch size of the step from
+(seed, step); one jitted step per patch size, cached in memory and in the persistent
+compilation cache) -> logs, periodic evals, periodic async checkpoints -> final checkpoint,
+final evals, workdir/final_eval.json + .png.
+
+Guarantees: a rerun of the same command resumes from the latest checkpoint and ends with the
+same parameters as an uninterrupted run (data order, patch sizes, dropout and mixup are all
+functions of (seed, step)); SIGTERM saves a checkpoint before returning; a non-finite loss or
+gradient stops the run with FloatingPointError before anything non-finite is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import flexvision
+from flexvision.data import pipeline
+from flexvision.train import flexi, losses, optim, sharding
+from flexvision.train.checkpoint import Checkpointer
+from flexvision.train.evaluator import Evaluator, flat_metrics, format_table, write_final
+from flexvision.train.input import to_global
+from flexvision.train.metrics import MetricWriter, Progress
+from flexvision.train.step import accepts_patch_size, make_train_step
+
+
+class Preempted(Exception):
+    """Raised by :func:`train_and_evaluate` after saving a checkpoint on SIGTERM."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was "
+                         f"saved, rerun the same command to resume")
+        self.step = step
+
+
+def enable_compilation_cache(config) -> str:
+    """Turns on JAX's persistent compilation cache so restarts reuse compiled steps."""
+    cache_dir = config.get("compilation_cache_dir") or os.path.join(
+        os.path.expanduser("~"), ".cache", "flexvision", "jax_compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Replaces flax ``nn.Partitioned`` (logical axis) boxes by their values."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def build_model(config) -> nn.Module:
+    """``flexvision.create_model(config.model.name, **config.model.kwargs)``."""
+    kwargs = dict(config.model.get("kwargs", {}) or {})
+    return flexvision.create_model(config.model.name, **kwargs)
+
+
+def make_init_fn(model: nn.Module, tx, image_shape: tuple[int, ...], seed: int) -> Callable:
+    """``() -> boxed train state``: params (with logical axes), optimizer state, step."""
+    def init():
+        rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
+        variables = model.init(rngs, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        variables = dict(variables)
+        state = {"step": jnp.zeros((), jnp.int32), "params": variables.pop("params")}
+        state["opt_state"] = tx.init(state["params"])
+        if "batch_stats" in variables:
+            state["batch_stats"] = variables.pop("batch_stats")
+        return state
+    return init
+
+
+def create_train_state(model, tx, image_shape, config, mesh) -> tuple[Any, Any]:
+    """(state, shardings): the train state initialised directly into its shardings."""
+    init = make_init_fn(model, tx, tuple(image_shape), int(config.seed))
+    abstract = jax.eval_shape(init)
+    shardings = strip_boxes(sharding.tree_shardings(abstract, mesh, config.get("sharding")))
+    state = jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)()
+    return state, shardings
+
+
+def abstract_train_state(model, tx, image_shape, config, mesh) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs with shardings, shardings) of the train state, nothing allocated."""
+    init = make_init_fn(model, tx, tuple(image_shape), int(config.seed))
+    abstract = jax.eval_shape(init)
+    shardings = strip_boxes(sharding.tree_shardings(abstract, mesh, config.get("sharding")))
+    structs = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        strip_boxes(abstract), shardings)
+    return structs, shardings
+
+
+def make_loss(config):
+    """The per-example loss from ``config.loss`` and ``config.label_smoothing``."""
+    return losses.get_loss(config.get("loss", "softmax_xent"),
+                           float(config.get("label_smoothing", 0.0)))
+
+
+def eval_variables(state: dict) -> dict:
+    """The model variables (params and, if any, batch_stats) of a train state."""
+    variables = {"params": state["params"]}
+    if "batch_stats" in state:
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
+class _SigtermFlag:
+    """Sets ``.raised`` on SIGTERM while active (main thread only; restores the old handler)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _save_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _non_finite_error(step_range: tuple[int, int], last_good: int | None, directory: str):
+    where = (f"the last good checkpoint is step {last_good} in {directory}" if last_good is not None
+             else "no checkpoint was saved before it")
+    return FloatingPointError(
+        f"loss or gradient became NaN/Inf between steps {step_range[0]} and {step_range[1]}; "
+        f"stopped without saving the bad state ({where}). Lower config.lr, raise "
+        f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
+
+
+def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
+    eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
+    saving on SIGTERM and FloatingPointError on a non-finite loss.
+
+    ``loss_fn`` (per-example, default from ``config.loss``) and ``targets_fn`` (see
+    ``step.make_train_step``) let a distillation mode swap the objective and add a teacher."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    enable_compilation_cache(config)
+    _save_config(config, workdir)
+    seed, total_steps = int(config.seed), int(config.total_steps)
+
+    mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
+    model = build_model(config)
+    tx, schedule = optim.make_optimizer(config)
+    loss_fn = loss_fn or make_loss(config)
+    flexible = accepts_patch_size(model) and config.get("flexi") is not None and bool(
+        config.flexi.get("patch_sizes"))
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                keep=int(config.get("keep_checkpoints", 3)))
+    start_step = checkpointer.latest_step() or 0
+    batches = iter(pipeline.train_dataset(config.input, seed, start_step).as_numpy_iterator())
+    first_batch = next(batches)
+    image_shape = first_batch["image"].shape[1:]
+
+    if checkpointer.latest_step() is not None:
+        abstract, shardings = abstract_train_state(model, tx, image_shape, config, mesh)
+        state, meta = checkpointer.restore(start_step, abstract)
+        if int(meta.get("data_position", start_step)) != start_step:
+            raise ValueError(f"checkpoint {start_step} records data position "
+                             f"{meta['data_position']}; it was not written by this trainer")
+    else:
+        state, shardings = create_train_state(model, tx, image_shape, config, mesh)
+
+    step_fns: dict[int | None, Callable] = {}
+
+    def train_step_for(patch_size):
+        if patch_size not in step_fns:
+            fn = make_train_step(model, tx, loss_fn, seed=seed, patch_size=patch_size,
+                                 mixup_alpha=float(config.get("mixup_alpha", 0.0) or 0.0),
+                                 targets_fn=targets_fn)
+            step_fns[patch_size] = jax.jit(
+                fn, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        return step_fns[patch_size]
+
+    evaluator = Evaluator(model, loss_fn, config, mesh)
+    writer = MetricWriter(workdir)
+    progress = Progress(start_step, total_steps, int(config.input.batch_size))
+    log_every = int(config.get("log_every", 50))
+    checkpoint_every = int(config.get("checkpoint_every", 500))
+    eval_every = int(config.eval.get("every", 0) or 0)
+    last_good = checkpointer.latest_step()
+    checked_step = start_step  # everything up to here is known to be finite
+    finite = jnp.array(True)
+
+    def ensure_finite(step):
+        nonlocal checked_step
+        if not bool(jax.device_get(finite)):
+            checkpointer.close()
+            writer.close()
+            progress.close()
+            raise _non_finite_error((checked_step, step), last_good, checkpointer.directory)
+        checked_step = step
+
+    def save(step):
+        nonlocal last_good
+        ensure_finite(step)
+        checkpointer.save(step, state, {"step": step, "data_position": step, "seed": seed})
+        last_good = step
+
+    step = start_step
+    with _SigtermFlag() as sigterm:
+        while step < total_steps:
+            batch = first_batch if step == start_step else next(batches)
+            patch_size = flexi.patch_size_for_step(config.flexi, seed, step) if flexible else None
+            state, metrics = train_step_for(patch_size)(state, to_global(batch, mesh))
+            finite = finite & metrics["finite"]
+            step += 1
+            progress.advance(step)
+            if step % log_every == 0 or step == total_steps:
+                ensure_finite(step)
+                values = jax.device_get(metrics)
+                rate = progress.log(step, loss=f"{values['loss']:.4f}", ps=patch_size)
+                writer.write(step, {"train/loss": values["loss"],
+                                    "train/grad_norm": values["grad_norm"],
+                                    "train/param_norm": values["param_norm"],
+                                    "train/lr": float(schedule(step - 1)),
+                                    "train/images_per_second": rate})
+            if eval_every and step % eval_every == 0 and step < total_steps:
+                ensure_finite(step)
+                results = evaluator.run(eval_variables(state))
+                writer.write(step, flat_metrics(results))
+                split = next(iter(results))
+                progress.write(format_table(results[split], f"[step {step}] {split}"))
+                progress.reset_clock(step)
+            if sigterm.raised:
+                save(step)
+                checkpointer.close()
+                writer.close()
+                progress.close()
+                raise Preempted(step)
+            if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+                save(step)
+    progress.close()
+    if last_good != step:
+        save(step)
+    checkpointer.wait()
+
+    results = evaluator.run(eval_variables(state))
+    writer.write(step, flat_metrics(results))
+    writer.close()
+    checkpointer.close()
+    final = write_final(results, workdir, step)
+    if jax.process_index() == 0:
+        print(format_table(results[final["split"]],
+                           f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
+              flush=True)
+    return final
+
+
+def load_final_eval(workdir: str) -> dict:
+    """The final_eval.json written by :func:`train_and_evaluate`."""
+    with open(os.path.join(workdir, "final_eval.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+__all__ = ["train_and_evaluate", "Preempted", "create_train_state", "abstract_train_state",
+           "build_model", "make_loss", "eval_variables", "load_final_eval"]
