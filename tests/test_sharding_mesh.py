@@ -20,7 +20,16 @@ import pytest
 import test_sharding_worker as worker
 
 WORKER = pathlib.Path(__file__).with_name("test_sharding_worker.py")
-RTOL, ATOL = 1e-5, 1e-6  # float32 round-off of a different reduction order, a few steps deep
+RTOL = 1e-5  # float32 round-off of a different reduction order, a few steps deep
+
+
+def assert_float32_close(ours, reference, what: str = "") -> None:
+    """max |ours - reference| <= RTOL * max(1, max |reference|): round-off at the tensor's scale."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
+    error = float(np.max(np.abs(ours - reference))) if ours.size else 0.0
+    allowed = RTOL * max(1.0, float(np.max(np.abs(reference))) if reference.size else 0.0)
+    assert error <= allowed, f"{what}: max |ours - reference| = {error:.3g} > {allowed:.3g}"
 
 
 def run_worker(*args: str, devices: int, env: dict | None = None) -> subprocess.Popen:
@@ -58,9 +67,9 @@ def test_every_mesh_trains_like_one_device(results, mesh):
     summary, params = results
     np.testing.assert_allclose(summary["losses"][mesh], summary["losses"]["single"], rtol=RTOL)
     reference, ours = params_of(params, "single"), params_of(params, mesh)
-    assert sorted(ours) == sorted(reference) and len(reference) > 20
+    assert sorted(ours) == sorted(reference) and len(reference) > 15
     for name, value in reference.items():
-        np.testing.assert_allclose(ours[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+        assert_float32_close(ours[name], value, f"{mesh}: {name}")
     assert summary["losses"]["single"][-1] < summary["losses"]["single"][0]  # it does learn
 
 

@@ -29,7 +29,7 @@ PATCH = 4
 STEPS = 3
 EXTRA_STEPS = 2
 FSDP_MIN_SIZE = 1024
-MODEL = dict(width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
+MODEL = dict(width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
              posemb_grid=(IMAGE // PATCH, IMAGE // PATCH))
 
 MESHES = {  # name -> mesh axes; "single" runs on the first device only
@@ -66,7 +66,7 @@ class Experiment:
         self.sharding_config = sharding_config or {"fsdp_min_size": FSDP_MIN_SIZE}
         self.mesh = sharding.create_mesh(mesh_axes, devices)
         self.model = flexvision.create_model("flexivit_micro", **MODEL)
-        self.tx = optax.sgd(0.1, momentum=0.9)
+        self.tx = optax.sgd(0.03, momentum=0.9)
         dummy = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
 
         def init_state(rng):
