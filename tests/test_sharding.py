@@ -254,3 +254,10 @@ def test_detected_cluster(environ, cluster):
 def test_process_rows_split_the_global_batch():
     assert distributed.process_rows(16) == slice(0, 16)
     assert distributed.process_batch_size(16) == 16
+
+
+def test_default_config_holds_every_key_at_its_default():
+    config = sharding.default_config()
+    assert sharding.sharding_options(config) == sharding.sharding_options(None)
+    config.params = "replicate"  # every key exists, so command-line overrides can set it
+    assert sharding.sharding_options(config).params == ((".*", "replicate"),)

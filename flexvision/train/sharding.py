@@ -196,6 +196,15 @@ def _check_mesh_axes(value: Any, where: str) -> Any:
                      f"mesh axis names, got {value!r}")
 
 
+def default_config():
+    """A ``config.sharding`` block with every key at its default, so that each one can be
+    overridden on the command line (``--config.sharding.params=fsdp``,
+    ``--config.sharding.rules="(('mlp', None),)"``)."""
+    import ml_collections
+    return ml_collections.ConfigDict({"rules": (), "params": DEFAULT_TACTIC, "fsdp_axis": "fsdp",
+                                      "fsdp_min_size": DEFAULT_FSDP_MIN_SIZE})
+
+
 def sharding_options(config: Any = None) -> ShardingOptions:
     """Reads and validates ``config.sharding`` (None, a dict or a ConfigDict)."""
     if isinstance(config, ShardingOptions):
