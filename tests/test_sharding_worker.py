@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +46,6 @@ FSDP_MESHES = {1: [("data", 8)], 2: [("data", 4), ("fsdp", 2)], 4: [("data", 2),
 
 def synthetic_batch(step: int, rows: slice | None = None) -> dict:
     """The global batch of ``step`` (a function of (SEED, step) only), or its ``rows``."""
-    import numpy as np
     rng = np.random.default_rng((SEED, step))
     batch = {"image": rng.normal(size=(GLOBAL_BATCH, IMAGE, IMAGE, 3)).astype(np.float32),
              "label": rng.integers(0, MODEL["num_classes"], GLOBAL_BATCH).astype(np.int32)}
@@ -55,7 +56,6 @@ class Experiment:
     """Sharded train state and jitted train step of the tiny FlexiViT on one mesh."""
 
     def __init__(self, mesh_axes, devices=None, sharding_config=None):
-        import flax.linen as nn
         import jax
         import jax.numpy as jnp
         import optax
@@ -90,19 +90,26 @@ class Experiment:
                                                  self.sharding_config, reference=boxed)
         batch_shardings = {"image": sharding.batch_sharding(self.mesh, 4),
                            "label": sharding.batch_sharding(self.mesh, 1)}
+        self.init_state = init_state
         self._init = jax.jit(init_state, out_shardings=self.shardings)
         self._step = jax.jit(train_step, in_shardings=(self.shardings, batch_shardings),
                              out_shardings=(self.shardings, sharding.replicated(self.mesh)))
-        self._nn = nn
 
     def rules(self):
         from flexvision.train import sharding
         return sharding.activation_rules(self.mesh, self.sharding_config)
 
-    def init(self):
+    def init(self, sharded_init: bool = False):
+        """The initial state on this mesh: initialised in place (``jit`` with ``out_shardings``,
+        as the trainer does) or, cheaper to compile, the one-device init laid out on the mesh."""
         import jax
-        with self.rules():
-            return self._init(jax.random.key(SEED))
+        if sharded_init:
+            with self.rules():
+                return self._init(jax.random.key(SEED))
+        host = host_initial_state(self)
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+            host, self.shardings)
 
     def train(self, state, steps: int):
         """Runs ``steps`` steps from ``state``; returns (state, losses)."""
@@ -115,6 +122,19 @@ class Experiment:
                 state, loss = self._step(state, sharding.global_batch(local, self.mesh))
                 losses.append(float(loss))
         return state, losses
+
+
+_HOST_STATE = {}
+
+
+def host_initial_state(exp: Experiment):
+    """The initial train state as NumPy arrays, computed once per process on one device."""
+    if "state" not in _HOST_STATE:
+        import jax
+        with jax.default_device(jax.local_devices()[0]):
+            state = jax.jit(exp.init_state)(jax.random.key(SEED))
+        _HOST_STATE["state"] = jax.tree_util.tree_map(np.asarray, state)
+    return _HOST_STATE["state"]
 
 
 def flat_params(state) -> dict:
@@ -136,7 +156,6 @@ def specs(shardings) -> dict:
 def run_equivalence(out: str) -> None:
     """Same training under every mesh in MESHES; memory per device under FSDP; resharded restore."""
     import jax
-    import numpy as np
 
     from flexvision.train import distributed, sharding
     results = {"losses": {}, "live_bytes": {}, "planned_bytes": {}, "specs": {}}
@@ -183,12 +202,11 @@ def run_equivalence(out: str) -> None:
 
 def run_multihost(out: str, process_id: int, port: int) -> None:
     """Process ``process_id`` of 2: train STEPS, checkpoint, train EXTRA_STEPS more."""
-    import numpy as np
 
     from flexvision.train import distributed
     info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
     exp = Experiment([("data", 2), ("fsdp", 2), ("model", 2)])
-    state, losses = exp.train(exp.init(), STEPS)
+    state, losses = exp.train(exp.init(sharded_init=True), STEPS)
     distributed.save_checkpoint(os.path.join(out, "ckpt"), STEPS, state)
     state, more = exp.train(state, EXTRA_STEPS)
     params = flat_params(state)
@@ -204,7 +222,6 @@ def run_multihost(out: str, process_id: int, port: int) -> None:
 
 def run_resume(out: str) -> None:
     """One process (4 devices, data=2 x fsdp=2): resume the 2-process checkpoint, and from scratch."""
-    import numpy as np
 
     from flexvision.train import distributed
     info = distributed.initialize()
