@@ -7,6 +7,7 @@ file in a fresh interpreter:
     python tests/test_sharding_worker.py equivalence OUT        # 8 devices, one process
     python tests/test_sharding_worker.py multihost OUT ID PORT  # process ID of 2, 4 devices each
     python tests/test_sharding_worker.py resume OUT             # one process, 4 devices
+    python tests/test_sharding_worker.py trainer OUT [ID PORT]  # the real trainer, 2 or 1 process
 
 Each mode writes NumPy/JSON results under OUT for the tests to compare. The experiment is a
 real registry model (a tiny FlexiViT) trained with SGD + momentum on a fixed synthetic stream
@@ -238,6 +239,53 @@ def run_resume(out: str) -> None:
                    "source": info.source}, f)
 
 
+def trainer_config(workdir_root: str):
+    """configs/flexivit_digits.py cut down to a few steps of a one-block model on a 3-D mesh."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "configs"))
+    import flexivit_digits
+
+    from flexvision.train import sharding
+    config = flexivit_digits.get_config()
+    config.model.kwargs.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
+    config.input.data_dir = os.path.join(workdir_root, "tfds")
+    config.input.batch_size = 16
+    config.input.shuffle_buffer = 64
+    config.flexi.patch_sizes = (8, 12)
+    config.eval.patch_sizes = (12,)
+    config.eval.batch_size = 64
+    config.total_steps = 4
+    config.log_every = 2
+    config.checkpoint_every = 0
+    config.schedule.warmup_steps = 2
+    config.mesh = (("data", 2), ("fsdp", 2), ("model", 2))
+    config.sharding = sharding.default_config()
+    config.sharding.fsdp_min_size = 1024
+    config.compilation_cache_dir = os.path.join(workdir_root, "jax_cache")
+    return config
+
+
+def run_trainer(out: str, process_id: int | None, port: int | None) -> None:
+    """The real trainer: 2 processes (data=2 x fsdp=2 x model=2), or 1 process resuming on 4."""
+    from flexvision.train import distributed
+    if process_id is not None:
+        distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+    from flexvision.data import pipeline
+    from flexvision.train import trainer
+    config = trainer_config(out)
+    if distributed.is_main_process():  # build the embedded dataset once, before the others read it
+        pipeline.get_builder(config.input.name, config.input.data_dir)
+    distributed.sync("dataset_ready")
+    if process_id is None:
+        config.mesh = (("data", 2), ("fsdp", 2))
+    final = trainer.train_and_evaluate(config, os.path.join(out, "workdir"))
+    name = "trainer_final_2proc.json" if process_id is not None else "trainer_final_1proc.json"
+    if distributed.is_main_process():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(final, f)
+    distributed.sync("trainer_done")
+
+
 if __name__ == "__main__":
     mode, out_dir = sys.argv[1], sys.argv[2]
     if mode == "equivalence":
@@ -246,5 +294,8 @@ if __name__ == "__main__":
         run_multihost(out_dir, int(sys.argv[3]), int(sys.argv[4]))
     elif mode == "resume":
         run_resume(out_dir)
+    elif mode == "trainer":
+        run_trainer(out_dir, *(int(a) for a in sys.argv[3:5])) if len(sys.argv) > 3 else \
+            run_trainer(out_dir, None, None)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; modes: equivalence, multihost, resume")
+        raise SystemExit(f"unknown mode {mode!r}; modes: equivalence, multihost, resume, trainer")
