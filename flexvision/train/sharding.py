@@ -42,7 +42,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
-KNOWN_MESH_AXES = ("data", "fsdp", "model")
 TACTICS = ("replicate", "logical", "fsdp")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -64,8 +63,8 @@ DEFAULT_FSDP_MIN_SIZE = 2 ** 14
 
 def _mesh_axes_from_spec(axes: Any) -> list[tuple[str, int]]:
     """Validates a mesh spec (pairs or a name -> size mapping) into a list of (name, size)."""
-    if isinstance(axes, Mapping) or hasattr(axes, "items") and not isinstance(axes, (list, tuple)):
-        axes = list(axes.items())
+    if isinstance(axes, Mapping) or (hasattr(axes, "items") and not isinstance(axes, (list, tuple))):
+        axes = list(axes.items())  # a dict or ConfigDict {name: size}, in insertion order
     if isinstance(axes, (str, bytes)) or not isinstance(axes, (list, tuple)):
         raise ValueError(f"mesh must be a list of (axis name, size) pairs such as "
                          f"[('data', -1), ('fsdp', 2)], got {axes!r}")
