@@ -21,26 +21,25 @@ import jax.numpy as jnp
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel, torch_linear_kernel)
 from flexvision.layers.attention import resize_relative_position_bias_table
-from flexvision.models.swin import _stage_windows
+from flexvision.models.swin import stage_windows
 from flexvision.registry import create_model
 
 # timm constructor kwargs that change nothing in flexvision's model (any size is accepted).
-_IGNORED_TIMM_KWARGS = ("dynamic_img_size", "dynamic_img_pad", "strict_img_size",
-                        "pretrained", "global_pool")
-_SUPPORTED_TIMM_KWARGS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size",
-                          "mlp_ratio", "qkv_bias", "num_classes", "drop_rate", "proj_drop_rate",
-                          "attn_drop_rate", "drop_path_rate")
+_IGNORED_TIMM_KWARGS = ("dynamic_img_size", "dynamic_img_pad", "strict_img_size", "pretrained")
+_SUPPORTED_TIMM_KWARGS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads",
+                          "window_size", "mlp_ratio", "qkv_bias", "num_classes", "drop_rate",
+                          "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
 def _modernize(state_dict: StateDict) -> StateDict:
     """Old timm / official layout -> timm >= 0.9 (downsample moved to the next stage, head.fc)."""
-    if "head.fc.weight" in state_dict or "head.fc.bias" in state_dict:
-        return state_dict
+    if not any(key.startswith("layers.0.downsample.") for key in state_dict):
+        return state_dict  # timm >= 0.9 never has a downsample in stage 1
     out = {}
     for key, value in state_dict.items():
         key = re.sub(r"^layers\.(\d+)\.downsample",
                      lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
-        if key.startswith("head."):
+        if key.startswith("head.") and not key.startswith("head.fc."):
             key = "head.fc." + key[len("head."):]
         out[key] = value
     return out
@@ -58,7 +57,16 @@ def _flax_name(key: str) -> str | None:
     return "params/" + key.replace(".", "/")
 
 
-def _convert_tensor(path: str, value, template_shape, stage_windows) -> Any:
+def _table_window(rows: int, stage_window: tuple[int, int]) -> tuple[int, int]:
+    """The window a model's bias table of ``rows`` rows is made for: the stage's window, or the
+    smaller square window a stage gets when its design map is smaller than the window."""
+    if (2 * stage_window[0] - 1) * (2 * stage_window[1] - 1) == rows:
+        return stage_window
+    side = int(round(rows ** 0.5))
+    return ((side + 1) // 2, (side + 1) // 2)
+
+
+def _convert_tensor(path: str, value, template_shape, windows) -> Any:
     leaf = path.rsplit("/", 1)[-1]
     if leaf == "weight":
         if value.ndim == 4:
@@ -69,13 +77,16 @@ def _convert_tensor(path: str, value, template_shape, stage_windows) -> Any:
     if leaf == "relative_position_bias_table" and template_shape is not None:
         if tuple(value.shape) != tuple(template_shape):
             stage = int(re.match(r"params/layers_(\d+)/", path).group(1))
-            value = resize_relative_position_bias_table(value, stage_windows[stage])
+            value = resize_relative_position_bias_table(
+                value, _table_window(template_shape[0], windows[stage]))
     return path, value
 
 
 def _model_kwargs(timm_kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = {}
     for key, value in timm_kwargs.items():
+        if key == "global_pool" and value == "avg":
+            continue
         if key in _IGNORED_TIMM_KWARGS:
             continue
         if key not in _SUPPORTED_TIMM_KWARGS:
@@ -99,7 +110,7 @@ def convert_timm_swin(name: str, state_dict: StateDict, **timm_kwargs: Any):
     from flax import traverse_util  # pylint: disable=import-outside-toplevel
 
     shapes = {k: v.shape for k, v in traverse_util.flatten_dict(template, sep="/").items()}
-    windows = _stage_windows(model.window_size, len(model.depths))
+    windows = stage_windows(model.window_size, len(model.depths))
     converted = {}
     for key, value in _modernize(state_dict).items():
         path = _flax_name(key)

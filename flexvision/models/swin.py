@@ -15,14 +15,24 @@ timm rolls before padding; at sizes that need no padding both orders agree, so 2
 size whose stage maps are multiples of the window) is identical to timm and the official
 classification model.
 
-Maps smaller than the window. Along an axis where a stage's map is no longer than the window
-(length <= M), that axis is not shifted and the window shrinks to the map's length: the whole axis
-is one window, with no padding tokens, and the relative-position bias of each offset is read from
-the centre of the learned (2M-1) x (2M-1) table (the same parameter as at full window size). This is
-the official classification rule (window = map and no shift when the map <= window, e.g. stage 4
-at 224 x 224) applied per axis and at run time; it is well defined at every size, and a map of at
-most M x M is plain global attention. Along longer axes the window is M and the shift M // 2.
-See :func:`window_and_shift`.
+Windows and shifts, in two steps:
+
+1. At the design size ``img_size`` (timm's ``img_size``: 224, or 384 for the window-12 models) each
+   block's window and shift are fixed as in timm and the official classification model: along an
+   axis where a stage's design map is no longer than the window M, the window shrinks to it and
+   that axis is not shifted (stage 4 of a 224 x 224 window-7 model: one 7 x 7 window, no shift);
+   elsewhere window M and, in every second block, shift M // 2 (:func:`design_window_and_shift`).
+   The bias tables have timm's shapes, and any input runs with these windows and shifts, exactly as
+   timm with ``dynamic_img_size=True`` (so stage 4 is never shifted, e.g. at 256 x 320 where it is
+   8 x 10, as in the reference fixture).
+2. At run time, along an axis where the actual map is no longer than the block's window (a small
+   input), that axis is one window of the map's length, is not shifted and gets no padding tokens;
+   the bias of each offset is read from the centre of the learned table (the same parameter as at
+   full window size), so a map of at most M x M gets plain global attention with relative position
+   bias. This is the official rule of step 1 applied to the actual map; it is what the reference
+   does whenever the map equals the window, and is well defined at every size. (The detection code
+   would instead pad a small map up to one M x M window and let the zero padding tokens take part
+   in attention, and shift it even when that splits the only window.) See :func:`window_and_shift`.
 
 Parameters follow timm's names (timm >= 0.9: ``layers.N.downsample`` at the start of stages 2-4),
 so ``flexvision.convert.from_timm`` maps a timm state dict one to one.
@@ -58,7 +68,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return value
 
 
-def _stage_windows(window_size: Any, num_stages: int) -> list[tuple[int, int]]:
+def stage_windows(window_size: Any, num_stages: int) -> list[tuple[int, int]]:
     """Per-stage (wh, ww) windows from an int, an (h, w) pair (every stage) or one entry per stage
     (timm's convention)."""
     if isinstance(window_size, int):
@@ -126,11 +136,11 @@ class WindowAttention(nn.Module):
             "relative_position_bias_table",
             param_init(nn.initializers.truncated_normal(0.02), ("relpos", "heads")),
             ((2 * win_h - 1) * (2 * win_w - 1), self.num_heads), jnp.float32)
-        bias = relative_position_bias(table, window, self.window_size)[None, None]
-        if mask is not None:
-            bias = bias + jnp.asarray(mask)[None, :, None]
-        bias = jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, tokens, tokens))
-        bias = bias.reshape(batch * num_windows, self.num_heads, tokens, tokens)
+        bias = relative_position_bias(table, window, self.window_size)[None]  # 1, heads, N, N
+        if mask is not None:  # the per-window mask cannot broadcast over batch * windows
+            bias = bias[None] + jnp.asarray(mask)[None, :, None]
+            bias = jnp.broadcast_to(bias, (batch, num_windows, self.num_heads, tokens, tokens))
+            bias = bias.reshape(batch * num_windows, self.num_heads, tokens, tokens)
 
         x = windows.reshape(batch * num_windows, tokens, width)
         qkv = dense(3 * width, axes=("embed", "mlp"), use_bias=self.qkv_bias, dtype=self.dtype,
@@ -273,7 +283,7 @@ class SwinTransformer(nn.Module):
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} "
                              "must have one entry per stage")
-        self._windows = _stage_windows(self.window_size, len(self.depths))
+        self._windows = stage_windows(self.window_size, len(self.depths))
         self.patch_embed_proj = conv(self.embed_dim, (self.patch_size,) * 2,
                                      strides=self.patch_size, padding="VALID", dtype=self.dtype,
                                      name="patch_embed_proj")
