@@ -172,6 +172,19 @@ def test_window_and_shift_at_maps_smaller_than_the_window():
     assert swin.window_and_shift(8, 10, (7, 7), (3, 3)) == ((7, 7), (3, 3))
 
 
+def test_a_map_within_one_window_is_not_shifted():
+    """Documented small-map rule: on a 4 x 5 map (window 7) a shifted block computes exactly what
+    its unshifted twin computes (one 4 x 5 window, no padding); on a 12 x 12 map they differ."""
+    shifted = swin.SwinBlock(num_heads=2, window_size=(7, 7), shift_size=(3, 3))
+    plain = swin.SwinBlock(num_heads=2, window_size=(7, 7), shift_size=(0, 0))
+    small = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 5, 8))
+    variables = jax.jit(shifted.init)(jax.random.PRNGKey(1), small)
+    run_shifted, run_plain = jax.jit(shifted.apply), jax.jit(plain.apply)
+    np.testing.assert_array_equal(run_shifted(variables, small), run_plain(variables, small))
+    large = jax.random.normal(jax.random.PRNGKey(2), (1, 12, 12, 8))
+    assert not np.allclose(run_shifted(variables, large), run_plain(variables, large))
+
+
 def test_smaller_window_reads_the_centre_of_the_bias_table():
     table = jax.random.normal(jax.random.PRNGKey(0), (13 * 13, 3))
     full = attention.relative_position_bias(table, (7, 7), (7, 7))  # (3, 49, 49)
