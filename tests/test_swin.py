@@ -26,7 +26,7 @@ def small_swin(**overrides):
 
 
 def _features_and_logits(module, images):
-    """``features`` and the head on its pre-logits: ``__call__``'s path, one executable per shape."""
+    """``features``, then the head on its pre-logits: ``__call__``'s path in one executable."""
     feats = module.features(images)
     return feats, module.head(feats["pre_logits"])
 
@@ -117,7 +117,7 @@ def test_every_parameter_has_logical_axis_names():
 
 
 def _origin_of_padded_rolled_map(height, width, window, shift):
-    """For each position of the padded, rolled map: the source (row, col), or (-1, -1) for padding."""
+    """Source (row, col) of each position of the padded, rolled map; (-1, -1) for padding."""
     hp, wp = height + (-height % window[0]), width + (-width % window[1])
     rows = np.where(np.arange(hp) < height, np.arange(hp), -1)
     cols = np.where(np.arange(wp) < width, np.arange(wp), -1)
@@ -155,7 +155,8 @@ def test_no_token_sees_the_opposite_border_in_a_shifted_block():
     variables = jax.jit(block.init)(jax.random.PRNGKey(1), x)
     apply = jax.jit(block.apply)
     base = apply(variables, x)
-    kick = jax.random.normal(jax.random.PRNGKey(2), (8,)) * 3.0  # not constant: LayerNorm'd remove it
+    # Not a constant vector: LayerNorm would remove that.
+    kick = jax.random.normal(jax.random.PRNGKey(2), (8,)) * 3.0
     changed = apply(variables, x.at[0, 0, 5].add(kick)) - base
     assert float(jnp.max(jnp.abs(changed[0, 10:]))) == 0.0  # opposite border: untouched
     assert float(jnp.max(jnp.abs(changed[0, 1, 5]))) > 1e-3  # its own neighbour: reached
@@ -213,7 +214,7 @@ def test_patch_merging_order_and_odd_sizes():
     x = jnp.arange(3 * 3, dtype=jnp.float32).reshape(1, 3, 3, 1)
     variables = nn.unbox(merge.init(jax.random.PRNGKey(0), x))
     assert merge.apply(variables, x).shape == (1, 2, 2, 2)
-    # x0, x1, x2, x3 = [0::2, 0::2], [1::2, 0::2], [0::2, 1::2], [1::2, 1::2]; odd sizes zero-padded.
+    # x0..x3 = [0::2, 0::2], [1::2, 0::2], [0::2, 1::2], [1::2, 1::2]; odd sizes zero-padded.
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     concat = jnp.concatenate([padded[:, 0::2, 0::2], padded[:, 1::2, 0::2], padded[:, 0::2, 1::2],
                               padded[:, 1::2, 1::2]], -1)

@@ -25,7 +25,7 @@ MASKED_LOGIT = -100.0
 def pad_to_multiple(x: jax.Array, multiple: tuple[int, int]) -> jax.Array:
     """Zero-pads an NHWC map at the bottom and right so that H and W are multiples of ``multiple``.
 
-    This is the padding of the official Swin detection code (``F.pad(x, (0, 0, 0, pad_r, 0, pad_b))``).
+    The padding of the official Swin detection code (``F.pad(x, (0, 0, 0, pad_r, 0, pad_b))``).
     """
     _, height, width, _ = x.shape
     pad_h = -height % multiple[0]

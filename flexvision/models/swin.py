@@ -342,8 +342,8 @@ class SwinTransformer(nn.Module):
 # timm's configurations (timm/models/swin_transformer.py); parameter counts in
 # ../shared/fixtures/param_counts.json.
 _VARIANTS = {
-    "swin_tiny_patch4_window7_224": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                                         window_size=7),
+    "swin_tiny_patch4_window7_224": dict(embed_dim=96, depths=(2, 2, 6, 2),
+                                         num_heads=(3, 6, 12, 24), window_size=7),
     "swin_small_patch4_window7_224": dict(embed_dim=96, depths=(2, 2, 18, 2),
                                           num_heads=(3, 6, 12, 24), window_size=7),
     "swin_base_patch4_window7_224": dict(embed_dim=128, depths=(2, 2, 18, 2),
