@@ -79,3 +79,91 @@ def _attention_with_dropout(q, k, v, bias, rate, rng):
     keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+# Relative positions (Swin)
+
+import functools  # noqa: E402  (kept with the helpers it serves)
+
+import numpy as np  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window: tuple[int, int],
+                            table_window: tuple[int, int] | None = None) -> np.ndarray:
+    """Index of each (query, key) pair of a window into a relative-position bias table.
+
+    Swin (Liu et al. 2021, Sec. 3.2, "relative position bias"): the bias of two tokens of a
+    ``wh x ww`` window depends only on their offset (dy, dx) in [-(wh-1), wh-1] x [-(ww-1), ww-1],
+    and is read from a table with (2 * Wh - 1) * (2 * Ww - 1) rows in the official row-major order
+    ``(dy + Wh - 1) * (2 * Ww - 1) + (dx + Ww - 1)``, tokens row-major in the window.
+
+    ``table_window`` (Wh, Ww) is the window the table was made for (default: ``window``); a smaller
+    ``window`` reads the centre of the table, i.e. the same learned bias for each offset.
+    Returns a cached, read-only int32 (wh * ww, wh * ww) array.
+    """
+    win_h, win_w = window
+    tab_h, tab_w = table_window or window
+    if win_h > tab_h or win_w > tab_w:
+        raise ValueError(f"window {window} is larger than the bias table's window {table_window}; "
+                         "resize the table with resize_relative_position_bias_table")
+    rows, cols = np.meshgrid(np.arange(win_h), np.arange(win_w), indexing="ij")
+    coords = np.stack([rows.ravel(), cols.ravel()])  # 2, N
+    offsets = coords[:, :, None] - coords[:, None, :]  # 2, N, N (query minus key)
+    index = (offsets[0] + tab_h - 1) * (2 * tab_w - 1) + (offsets[1] + tab_w - 1)
+    index = index.astype(np.int32)
+    index.setflags(write=False)
+    return index
+
+
+def relative_position_bias(table: jax.Array, window: tuple[int, int],
+                           table_window: tuple[int, int]) -> jax.Array:
+    """The (heads, N, N) attention bias of a window from a (num_offsets, heads) table."""
+    index = relative_position_index(tuple(window), tuple(table_window))
+    tokens = index.shape[0]
+    bias = jnp.take(table, index.reshape(-1), axis=0).reshape(tokens, tokens, -1)
+    return jnp.transpose(bias, (2, 0, 1))
+
+
+def _cubic_weight(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel with PyTorch's a = -0.75."""
+    d = np.abs(distance)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of 1-D bicubic resampling as torch ``F.interpolate``
+    (mode='bicubic', align_corners=False, no antialias): source coordinate
+    (i + 0.5) * in / out - 0.5, four taps with a = -0.75, indices clamped at the borders."""
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        source = (i + 0.5) * scale - 0.5
+        left = int(np.floor(source))
+        frac = source - left
+        for tap in range(-1, 3):
+            weight = _cubic_weight(np.asarray(tap - frac))
+            matrix[i, min(max(left + tap, 0), in_size - 1)] += float(weight)
+    matrix.setflags(write=False)
+    return matrix
+
+
+def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int, int]
+                                        ) -> np.ndarray:
+    """Resamples a square Swin bias table ((2M-1)^2, heads) to ``new_window`` by bicubic
+    interpolation of its (2M-1) x (2M-1) grid per head: the official Swin ``load_pretrained`` and
+    timm's ``resize_rel_pos_bias_table_simple`` (torch bicubic, align_corners=False)."""
+    table = np.asarray(table, np.float64)
+    num_offsets, heads = table.shape
+    side = int(round(num_offsets ** 0.5))
+    if side * side != num_offsets or side % 2 == 0:
+        raise ValueError(f"relative position bias table of {num_offsets} rows is not a square "
+                         "(2M-1) x (2M-1) grid; only square source windows can be resized")
+    out_h, out_w = 2 * new_window[0] - 1, 2 * new_window[1] - 1
+    grid = table.T.reshape(heads, side, side)
+    resized = np.einsum("oh,chw,pw->cop", bicubic_resize_matrix(side, out_h), grid,
+                        bicubic_resize_matrix(side, out_w))
+    return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
