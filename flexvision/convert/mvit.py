@@ -41,6 +41,13 @@ def _cfg_as_dict(cfg: Any) -> dict[str, Any]:
     raise ValueError(f"cfg must be a dict or timm's MultiScaleVitCfg, got {type(cfg).__name__}")
 
 
+def _as_tuples(value: Any) -> Any:
+    """JSON lists -> tuples, so the module's fields are hashable (static under jit)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
 def _official_to_timm_names(state: StateDict, depths: tuple[int, ...], expand_attn: bool
                             ) -> StateDict:
     """Flat official block indices -> timm's stages.S.blocks.B (timm ``checkpoint_filter_fn``)."""
@@ -106,6 +113,7 @@ def _convert_tensor(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
 def convert_mvit(name: str, state_dict: StateDict, **kwargs: Any):
     """Builds flexvision's MultiScaleVit for timm model ``name`` and imports ``state_dict``."""
     kwargs = {**_cfg_as_dict(kwargs.pop("cfg", None)), **kwargs}
+    kwargs = {k: _as_tuples(v) for k, v in kwargs.items()}
     unknown = sorted(set(kwargs) - _MODEL_FIELDS)
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {unknown}; accepted are the fields of "
@@ -119,6 +127,10 @@ def convert_mvit(name: str, state_dict: StateDict, **kwargs: Any):
     kwargs.setdefault("use_abs_pos", "pos_embed" in state)
     has_rel_pos = any(k.endswith("rel_pos_h") for k in state)
     kwargs.setdefault("rel_pos_type", "spatial" if has_rel_pos else "none")
+    num_blocks = sum(k.endswith(".norm1.weight") for k in state)
+    num_pooled_q = sum(k.endswith(".attn.pool_q.weight") for k in state)
+    if 0 < num_pooled_q < num_blocks:  # SlowFast v1: q pooled only at the stage transitions
+        kwargs.setdefault("pool_q_all_blocks", False)
 
     try:
         model = registry.create_model(name, **kwargs)

@@ -71,11 +71,6 @@ def adaptive_kv_strides(stride_q: Sequence[Size], stride_kv_adaptive: Size) -> t
     return tuple(strides)
 
 
-def pooled_size(size: Size, kernel: Size, stride: Size) -> Size:
-    """Output grid of a pooling with padding ``kernel // 2`` (PyTorch floor rule)."""
-    return tuple((n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(size, kernel, stride))
-
-
 def _pooling_is_identity(kernel: Size, stride: Size) -> bool:
     """The reference skips pooling when both kernel and stride are 1x1."""
     return int(np.prod(kernel)) == 1 and int(np.prod(stride)) == 1
@@ -89,7 +84,7 @@ class PoolingAttention(nn.Module):
     """Multi-head pooling attention (MViT eq. 3-4; MViTv2 sec. 3.1-3.2, timm ``MultiScaleAttention``).
 
     q, k and v are projected from the input, then each is pooled on the token grid (per head, a
-    depthwise conv with kernel ``kernel`` and its own stride, shared by the heads) and
+    depthwise conv with its own kernel and stride, shared by the heads) and
     layer-normed. With ``rel_pos`` the decomposed relative-position logits are added; with
     ``residual_pooling`` the pooled query is added to the attention output (class token
     included, as timm). Returns the projected output and the query grid size.
@@ -98,7 +93,8 @@ class PoolingAttention(nn.Module):
     dim_out: int
     num_heads: int
     rel_pos_size: Size | None  # (q, kv) grid the tables were built for; None: no relative positions
-    kernel: Size = (3, 3)
+    kernel_q: Size = (3, 3)
+    kernel_kv: Size = (3, 3)
     stride_q: Size = (1, 1)
     stride_kv: Size = (1, 1)
     mode: str = "conv"
@@ -108,22 +104,23 @@ class PoolingAttention(nn.Module):
     norm_eps: float = 1e-6
     dtype: Any = None
 
-    def _pool(self, x: jax.Array, size: Size, stride: Size, name: str) -> tuple[jax.Array, Size]:
+    def _pool(self, x: jax.Array, size: Size, kernel: Size, stride: Size, name: str
+              ) -> tuple[jax.Array, Size]:
         """Pools (B, T, heads, head_dim) tokens on the ``size`` grid; the class token passes."""
-        if _pooling_is_identity(self.kernel, stride):
+        if _pooling_is_identity(kernel, stride):
             return x, size
         cls_tok, x = (x[:, :1], x[:, 1:]) if self.has_cls_token else (None, x)
         batch, _, heads, head_dim = x.shape
         grid = x.reshape(batch, *size, heads, head_dim).transpose(0, 3, 1, 2, 4)
-        padding = tuple((k // 2, k // 2) for k in self.kernel)
+        padding = tuple((k // 2, k // 2) for k in kernel)
         if self.mode == "conv":
-            grid = conv(head_dim, self.kernel, strides=stride, padding=padding,
+            grid = conv(head_dim, kernel, strides=stride, padding=padding,
                         feature_group_count=head_dim, use_bias=False, dtype=self.dtype,
                         name=f"pool_{name}")(grid)
         elif self.mode == "max":
-            grid = nn.max_pool(grid, self.kernel, strides=stride, padding=padding)
+            grid = nn.max_pool(grid, kernel, strides=stride, padding=padding)
         else:  # "avg": the padded zeros count, as torch's AvgPool2d(count_include_pad=True)
-            grid = nn.avg_pool(grid, self.kernel, strides=stride, padding=padding,
+            grid = nn.avg_pool(grid, kernel, strides=stride, padding=padding,
                                count_include_pad=True)
         new_size = grid.shape[2:4]
         x = grid.transpose(0, 2, 3, 1, 4).reshape(batch, -1, heads, head_dim)
@@ -139,9 +136,9 @@ class PoolingAttention(nn.Module):
         qkv = dense(3 * self.dim_out, axes=("embed", "mlp"), use_bias=self.qkv_bias,
                     dtype=self.dtype, name="qkv")(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, q_size = self._pool(qkv[:, :, 0], size, self.stride_q, "q")
-        k, k_size = self._pool(qkv[:, :, 1], size, self.stride_kv, "k")
-        v, _ = self._pool(qkv[:, :, 2], size, self.stride_kv, "v")
+        q, q_size = self._pool(qkv[:, :, 0], size, self.kernel_q, self.stride_q, "q")
+        k, k_size = self._pool(qkv[:, :, 1], size, self.kernel_kv, self.stride_kv, "k")
+        v, _ = self._pool(qkv[:, :, 2], size, self.kernel_kv, self.stride_kv, "v")
 
         bias = None
         if self.rel_pos_size is not None:
@@ -175,7 +172,8 @@ class MultiScaleBlock(nn.Module):
     num_heads: int
     rel_pos_size: Size | None
     mlp_ratio: float = 4.0
-    kernel: Size = (3, 3)
+    kernel_q: Size = (3, 3)
+    kernel_kv: Size = (3, 3)
     stride_q: Size = (1, 1)
     stride_kv: Size = (1, 1)
     mode: str = "conv"
@@ -209,7 +207,8 @@ class MultiScaleBlock(nn.Module):
             shortcut = dense(self.dim_out, dtype=self.dtype, name="shortcut_proj_attn")(x_norm)
         shortcut = self._pool_shortcut(shortcut, size)
         attn, new_size = PoolingAttention(
-            att_dim, self.num_heads, self.rel_pos_size, kernel=self.kernel,
+            att_dim, self.num_heads, self.rel_pos_size, kernel_q=self.kernel_q,
+            kernel_kv=self.kernel_kv,
             stride_q=self.stride_q, stride_kv=self.stride_kv, mode=self.mode,
             qkv_bias=self.qkv_bias, has_cls_token=self.has_cls_token,
             residual_pooling=self.residual_pooling, norm_eps=self.norm_eps, dtype=self.dtype,
@@ -232,7 +231,10 @@ class MultiScaleVit(nn.Module):
     ``img_size`` only fixes the sizes of the position tables (the grid they were trained on);
     any input size runs. ``global_pool`` is 'avg' (mean of the spatial tokens) or 'token' (the
     class token); None picks 'token' with a class token, else 'avg'. ``rel_pos_type`` is
-    'spatial' (decomposed relative positions) or 'none'. Returns logits (no softmax).
+    'spatial' (decomposed relative positions) or 'none'. ``pool_q_all_blocks`` (not a timm
+    field): True pools q with ``kernel_qkv`` in every block (MViTv2, timm); False pools q only in
+    blocks with a q stride, as SlowFast's MViT v1 configs (POOL_Q_STRIDE lists only the stage
+    transitions). Returns logits (no softmax).
     """
 
     depths: Sequence[int] = (2, 3, 16, 3)
@@ -255,6 +257,7 @@ class MultiScaleVit(nn.Module):
     patch_padding: Sequence[int] = (3, 3)
     pool_type: str = "max"
     rel_pos_type: str = "spatial"
+    pool_q_all_blocks: bool = True
     act_layer: str = "gelu"
     norm_layer: str = "layernorm"
     norm_eps: float = 1e-6
@@ -397,11 +400,14 @@ class MultiScaleVit(nn.Module):
                 stage_out = cfg["embed_dim"][min(stage + 1, num_stages - 1)]
             for i in range(depth):
                 grows_here = self.expand_attn or i == depth - 1
+                stride_q = cfg["stride_q"][stage] if i == 0 else (1, 1)
+                pools_q = self.pool_q_all_blocks or int(np.prod(stride_q)) > 1
+                kernel_q = kernel if pools_q else (1, 1)
                 x, size = MultiScaleBlock(
                     dim_out=stage_out if grows_here else x.shape[-1],
                     num_heads=cfg["num_heads"][stage], rel_pos_size=rel_sizes[stage][i],
-                    mlp_ratio=self.mlp_ratio, kernel=kernel,
-                    stride_q=cfg["stride_q"][stage] if i == 0 else (1, 1),
+                    mlp_ratio=self.mlp_ratio, kernel_q=kernel_q, kernel_kv=kernel,
+                    stride_q=stride_q,
                     stride_kv=cfg["stride_kv"][stage], mode=self.mode, qkv_bias=self.qkv_bias,
                     has_cls_token=self.use_cls_token, expand_attn=self.expand_attn,
                     residual_pooling=self.residual_pooling, drop_path=rates[block_index],
@@ -456,11 +462,12 @@ def resample_abs_pos_embed(pos_embed: jax.Array, ref_grid: Size, grid: Size, pre
 #: DIM_MUL_IN_ATT off the width grows in the MLP of the block *before* each transition (timm's
 #: expand_attn=False), the shortcut projection reads the normed MLP input. CLS_EMBED_ON, USE_ABS_POS
 #: (one joint embedding, SEP_POS_EMBED off), no relative positions, RESIDUAL_POOLING off,
-#: POOL_KVQ_KERNEL 3x3, POOL_KV_STRIDE_ADAPTIVE 4x4, patch 7x7 stride 4 pad 3, head on the class
+#: POOL_KVQ_KERNEL 3x3 for k and v in every block but for q only at the transitions (the blocks
+#: POOL_Q_STRIDE names), POOL_KV_STRIDE_ADAPTIVE 4x4, patch 7x7 stride 4 pad 3, head on the class
 #: token after the final norm.
 MVIT_V1_B16_CONFIG = dict(
     depths=(1, 2, 11, 2), embed_dim=96, num_heads=1, expand_attn=False, use_cls_token=True,
-    use_abs_pos=True, residual_pooling=False, rel_pos_type="none",
+    use_abs_pos=True, residual_pooling=False, rel_pos_type="none", pool_q_all_blocks=False,
 )
 
 MVITV2_CONFIGS = {
