@@ -29,6 +29,14 @@ def _fixture_model():
 
 
 @functools.lru_cache(maxsize=None)
+def _fixture_outputs():
+    """Logits and features of the fixture model at 224x224 from one compiled call."""
+    model, variables, arrays, _ = _fixture_model()
+    both = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="features")))
+    return both(variables, arrays["input/0"])
+
+
+@functools.lru_cache(maxsize=None)
 def _jitted(model, method=None):
     return jax.jit(functools.partial(model.apply, method=method))
 
@@ -48,16 +56,16 @@ def _num_params(tree) -> int:
 # ----- parity with timm -----
 
 def test_parity_with_timm_fixture_at_224():
-    model, variables, arrays, _ = _fixture_model()
-    logits = _jitted(model)(variables, arrays["input/0"])
+    _, _, arrays, _ = _fixture_model()
+    logits, _ = _fixture_outputs()
     err, allowed = parity_error(logits, arrays["output/0"])
     print(f"mvitv2_tiny_reduced 224x224: max|ours-ref| = {err:.3g} (allowed {allowed:.3g})")
     assert_parity(logits, arrays["output/0"], "mvitv2_tiny_reduced logits at 224x224")
 
 
 def test_features_are_nhwc_stage_maps_and_pre_logits():
-    model, variables, arrays, _ = _fixture_model()
-    feats = _jitted(model, "features")(variables, arrays["input/0"])
+    _, variables, arrays, _ = _fixture_model()
+    _, feats = _fixture_outputs()
     assert set(feats) == {"stage1", "stage2", "stage3", "stage4", "pre_logits"}
     assert [feats[f"stage{i}"].shape for i in range(1, 5)] == [
         (1, 56, 56, 24), (1, 28, 28, 48), (1, 14, 14, 96), (1, 7, 7, 192)]
@@ -90,7 +98,7 @@ def test_rel_pos_interpolation_is_the_identity_at_224_and_real_elsewhere(monkeyp
     """At the size the tables were built for every per-forward resize is exactly the identity;
     at 256 the tables really are resized (to 2 * max(q, k) - 1 rows)."""
     model, variables, arrays, _ = _fixture_model()
-    reference = np.asarray(_jitted(model)(variables, arrays["input/0"]))
+    reference = np.asarray(_fixture_outputs()[0])
     calls = []
 
     def always_interpolate(table, length):
@@ -270,7 +278,7 @@ def test_mvit_v1_any_size_and_pos_embed_resampling():
     ref = jax.image.resize(pos[0, 1:].reshape(16, 16, -1), (12, 20, pos.shape[-1]), "linear",
                            antialias=False)
     np.testing.assert_allclose(resampled[0, 1:].reshape(12, 20, -1), ref, atol=1e-6)
-    for size in [(64, 64), (48, 80)]:
+    for size in [(48, 80)]:
         feats = _jitted(model, "features")(variables, jnp.ones((2, *size, 3)))
         assert feats["stage4"].shape == (2, -(-size[0] // 32), -(-size[1] // 32), 64)
         assert np.all(np.isfinite(feats["pre_logits"]))
@@ -343,6 +351,17 @@ def test_every_parameter_has_logical_axis_names():
         for leaf in leaves:
             assert isinstance(leaf, nn.Partitioned), f"{name}: unnamed parameter {leaf}"
             assert len(leaf.names) == leaf.value.ndim
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_parameter_free_pooling_modes(mode):
+    """timm's mode='max'/'avg': pooling without conv weights or norms; shapes as with 'conv'."""
+    model = flexvision.create_model("mvitv2_tiny", depths=(1, 1, 1, 1), embed_dim=8, mode=mode)
+    block = abstract_variables(model, jnp.zeros((1, 64, 64, 3)))["params"]["stages_1_blocks_0"]
+    assert set(block["attn"]) == {"qkv", "proj", "rel_pos_h", "rel_pos_w"}
+    feats = jax.eval_shape(functools.partial(model.apply, method="features"),
+                           _random_variables(model, (1, 64, 64, 3)), jnp.zeros((1, 72, 40, 3)))
+    assert feats["stage4"].shape == (1, 3, 2, 64)
 
 
 def test_bad_inputs_raise_clear_errors():

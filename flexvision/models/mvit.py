@@ -85,7 +85,7 @@ class PoolingAttention(nn.Module):
 
     q, k and v are projected from the input, then each is pooled on the token grid (per head, a
     depthwise conv with its own kernel and stride, shared by the heads) and
-    layer-normed. With ``rel_pos`` the decomposed relative-position logits are added; with
+    layer-normed. With ``rel_pos_size`` the decomposed relative-position logits are added; with
     ``residual_pooling`` the pooled query is added to the attention output (class token
     included, as timm). Returns the projected output and the query grid size.
     """
@@ -112,6 +112,7 @@ class PoolingAttention(nn.Module):
         cls_tok, x = (x[:, :1], x[:, 1:]) if self.has_cls_token else (None, x)
         batch, _, heads, head_dim = x.shape
         grid = x.reshape(batch, *size, heads, head_dim).transpose(0, 3, 1, 2, 4)
+        grid = grid.reshape(batch * heads, *size, head_dim)
         padding = tuple((k // 2, k // 2) for k in kernel)
         if self.mode == "conv":
             grid = conv(head_dim, kernel, strides=stride, padding=padding,
@@ -122,7 +123,8 @@ class PoolingAttention(nn.Module):
         else:  # "avg": the padded zeros count, as torch's AvgPool2d(count_include_pad=True)
             grid = nn.avg_pool(grid, kernel, strides=stride, padding=padding,
                                count_include_pad=True)
-        new_size = grid.shape[2:4]
+        new_size = grid.shape[1:3]
+        grid = grid.reshape(batch, heads, *new_size, head_dim)
         x = grid.transpose(0, 2, 3, 1, 4).reshape(batch, -1, heads, head_dim)
         x = _with_cls(cls_tok, x)
         if self.mode == "conv":
