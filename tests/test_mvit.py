@@ -156,6 +156,30 @@ def test_decomposed_rel_pos_index():
     np.testing.assert_array_equal(index[:, 1] - index[:, 0], np.full(8, -4))
 
 
+def test_decomposed_rel_pos_bias_on_non_square_grids_matches_a_direct_sum():
+    """bias[b, n, (i, j), (k, l)] = q[b, (i, j), n] . (R_h[i, k] + R_w[j, l]) (MViTv2 eq. 4),
+    with different tables and grids along h and w so that a swapped axis cannot pass."""
+    rng = np.random.default_rng(0)
+    (q_h, q_w), (k_h, k_w), heads, dim = (3, 5), (2, 3), 2, 4
+    q = rng.normal(size=(1, q_h * q_w, heads, dim)).astype(np.float32)
+    table_h = rng.normal(size=(9, dim)).astype(np.float32)  # 9 rows, resized to 5
+    table_w = rng.normal(size=(9, dim)).astype(np.float32)  # 9 rows, kept
+    bias = np.asarray(attention.decomposed_rel_pos_bias(q, table_h, table_w, (q_h, q_w),
+                                                        (k_h, k_w)))
+    resized_h = attention.linear_resize_matrix(9, 5) @ table_h
+    expected = np.zeros((1, heads, q_h, q_w, k_h, k_w), np.float32)
+    for n in range(heads):
+        for i in range(q_h):
+            for j in range(q_w):
+                for k in range(k_h):
+                    for l in range(k_w):
+                        r_h = resized_h[int(i * 1.0 - k * 1.5 + (k_h - 1) * 1.5)]
+                        r_w = table_w[int(j * 1.0 - l * (5 / 3) + (k_w - 1) * (5 / 3))]
+                        expected[0, n, i, j, k, l] = q[0, i * q_w + j, n] @ (r_h + r_w)
+    np.testing.assert_allclose(bias, expected.reshape(1, heads, q_h * q_w, k_h * k_w),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----- configurations -----
 
 def test_mvitv2_param_counts_match_timm():
@@ -373,5 +397,5 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"unknown option.*'depth'.*accepted"):
         convert.from_timm("mvitv2_tiny", {}, depth=3)
     arrays, meta = load_fixture(FIXTURE)
-    with pytest.raises(ValueError, match=r"(?s)does not fit the model.*rel_pos_h.*\(111, 24\)"):
+    with pytest.raises(ValueError, match=r"(?s)does not fit the model.*rel_pos_h.*\(111, 24\).*img_size=256 here"):
         convert.from_timm("mvitv2_tiny", state_dict_of(arrays), **meta["cfg"], img_size=256)

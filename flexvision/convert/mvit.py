@@ -144,4 +144,12 @@ def convert_mvit(name: str, state_dict: StateDict, **kwargs: Any):
 
     size = mvit_models.as_pair(model.img_size, "img_size")
     template = abstract_variables(model, jnp.zeros((1, *size, model.in_chans), jnp.float32))
-    return model, fit_to_template(template, converted, source=f"timm {name}")
+    try:
+        variables = fit_to_template(template, converted, source=f"timm {name}")
+    except ValueError as err:
+        if "rel_pos_" in str(err) or "pos_embed" in str(err):
+            raise ValueError(f"{err}\nThe position tables are sized by img_size: pass the size the "
+                             f"checkpoint was trained at (img_size={model.img_size} here); the "
+                             f"model then runs at any input size.") from None
+        raise
+    return model, variables
