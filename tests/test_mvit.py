@@ -157,7 +157,7 @@ def test_decomposed_rel_pos_index():
 
 
 def test_decomposed_rel_pos_bias_on_non_square_grids_matches_a_direct_sum():
-    """bias[b, n, (i, j), (k, l)] = q[b, (i, j), n] . (R_h[i, k] + R_w[j, l]) (MViTv2 eq. 4),
+    """bias[b, n, (i, j), (k, l)] = q[b, (i, j), n] . (R_h[i, k] + R_w[j, l]) (MViTv2 sec. 3.1),
     with different tables and grids along h and w so that a swapped axis cannot pass."""
     rng = np.random.default_rng(0)
     (q_h, q_w), (k_h, k_w), heads, dim = (3, 5), (2, 3), 2, 4
@@ -213,7 +213,8 @@ def _slowfast_round_width(width, multiplier, divisor=1):
 
 def _slowfast_blocks(cfg):
     """Per block (dim, dim_out, heads, stride_q, stride_kv) the way SlowFast's MViT.__init__
-    derives them from the per-block multiplier lists (video_model_builder.py, DIM_MUL_IN_ATT off)."""
+    derives them from the per-block multiplier lists (video_model_builder.py; DIM_MUL_IN_ATT off)
+    """
     depth = cfg["DEPTH"]
     dim_mul, head_mul = np.ones(depth + 1), np.ones(depth + 1)
     for i, m in cfg["DIM_MUL"]:
@@ -397,5 +398,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"unknown option.*'depth'.*accepted"):
         convert.from_timm("mvitv2_tiny", {}, depth=3)
     arrays, meta = load_fixture(FIXTURE)
-    with pytest.raises(ValueError, match=r"(?s)does not fit the model.*rel_pos_h.*\(111, 24\).*img_size=256 here"):
+    table_mismatch = r"(?s)does not fit the model.*rel_pos_h.*\(111, 24\).*img_size=256 here"
+    with pytest.raises(ValueError, match=table_mismatch):
         convert.from_timm("mvitv2_tiny", state_dict_of(arrays), **meta["cfg"], img_size=256)

@@ -117,7 +117,7 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 def decomposed_rel_pos_index(q_len: int, k_len: int) -> np.ndarray:
     """(q_len, k_len) int table: row of the relative-position table for query i and key j.
 
-    MViTv2 (Li et al. 2022, eq. 4, sec. 3.1) with the pooled-resolution scaling of the official
+    MViTv2 (Li et al. 2022, sec. 3.1) with the pooled-resolution scaling of the official
     code: the coarser side is stretched to the finer one's spacing, so the distance is
     ``i * max(k/q, 1) - j * max(q/k, 1) + (k - 1) * max(q/k, 1)``, truncated to an integer. The
     arithmetic is float32 in the reference's order, so fractional ratios round identically.
@@ -148,7 +148,7 @@ def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:
 
 def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
                             q_size: tuple[int, int], k_size: tuple[int, int]) -> jax.Array:
-    """Decomposed relative-position logits of MViTv2 (Li et al. 2022, eq. 4): q_i . (R_h + R_w).
+    """Decomposed relative-position logits of MViTv2 (Li et al. 2022, sec. 3.1): q_i . (R_h + R_w).
 
     ``q`` is (B, q_h * q_w, heads, head_dim), the spatial queries (no class token) before the
     attention scale; the tables are (L, head_dim), resized to ``2 * max(q, k) - 1`` rows per axis

@@ -1,4 +1,4 @@
-"""Multiscale Vision Transformers: MViTv2 (Li et al. 2022) and the MViT v1 image model (Fan et al. 2021).
+"""Multiscale Vision Transformers: MViTv2 (Li et al. 2022) and MViT v1 images (Fan et al. 2021).
 
 Pooling attention shrinks queries, keys and values with depthwise convolutions, so the token grid
 halves (and the width doubles) from stage to stage, giving a feature pyramid inside one
@@ -60,8 +60,8 @@ def per_stage(value: int | Sequence[int], num_stages: int, what: str) -> tuple[i
 def adaptive_kv_strides(stride_q: Sequence[Size], stride_kv_adaptive: Size) -> tuple[Size, ...]:
     """Per-stage key/value pooling strides: the adaptive stride divided by every q stride so far.
 
-    MViT sec. 3.3 / timm ``MultiScaleVitCfg.__post_init__``: keys and values are pooled to
-    roughly a fixed grid, so the kv stride shrinks as the queries get pooled.
+    MViT sec. 3.2 (key-value pooling), timm ``MultiScaleVitCfg.__post_init__``: keys and values
+    are pooled to roughly a fixed grid, so the kv stride shrinks as the queries get pooled.
     """
     current, strides = tuple(stride_kv_adaptive), []
     for stride in stride_q:
@@ -81,7 +81,7 @@ def _with_cls(cls_tok: jax.Array | None, x: jax.Array) -> jax.Array:
 
 
 class PoolingAttention(nn.Module):
-    """Multi-head pooling attention (MViT eq. 3-4; MViTv2 sec. 3.1-3.2, timm ``MultiScaleAttention``).
+    """Multi-head pooling attention (MViT sec. 3.1; MViTv2 sec. 3; timm ``MultiScaleAttention``).
 
     q, k and v are projected from the input, then each is pooled on the token grid (per head, a
     depthwise conv with its own kernel and stride, shared by the heads) and
