@@ -6,9 +6,12 @@ attention in flexvision goes through :func:`dot_product_attention` below.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexvision.layers.common import dense, param_init
 
@@ -82,10 +85,6 @@ def _attention_with_dropout(q, k, v, bias, rate, rng):
 
 
 # Relative positions (Swin)
-
-import functools  # noqa: E402  (kept with the helpers it serves)
-
-import numpy as np  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,3 +166,85 @@ def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int
     resized = np.einsum("oh,chw,pw->cop", bicubic_resize_matrix(side, out_h), grid,
                         bicubic_resize_matrix(side, out_w))
     return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
+
+
+# Relative positions (MViTv2)
+
+
+@functools.lru_cache(maxsize=None)
+def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of 1-D linear interpolation with half-pixel centres.
+
+    Row ``i`` samples the input at ``(i + 0.5) * in_size / out_size - 0.5`` (clamped to the
+    edges), as ``torch.nn.functional.interpolate(mode="linear"/"bilinear", align_corners=False)``
+    does; detectron2's ``get_rel_pos`` and MViT's ``_get_pos_embed`` resize with it. The matrix
+    is exactly the identity when ``in_size == out_size``. Read-only and cached per size pair.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"resize sizes must be >= 1, got {in_size} -> {out_size}")
+    scale = in_size / out_size
+    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    lower = np.floor(source).astype(np.int64)
+    upper = np.minimum(lower + 1, in_size - 1)
+    frac = source - lower
+    matrix = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1.0 - frac)
+    np.add.at(matrix, (rows, upper), frac)
+    matrix = matrix.astype(np.float32)
+    matrix.flags.writeable = False
+    return matrix
+
+
+@functools.lru_cache(maxsize=None)
+def decomposed_rel_pos_index(q_len: int, k_len: int) -> np.ndarray:
+    """(q_len, k_len) int table: row of the relative-position table for query i and key j.
+
+    MViTv2 (Li et al. 2022, sec. 3.1) with the pooled-resolution scaling of the official
+    code: the coarser side is stretched to the finer one's spacing, so the distance is
+    ``i * max(k/q, 1) - j * max(q/k, 1) + (k - 1) * max(q/k, 1)``, truncated to an integer. The
+    arithmetic is float32 in the reference's order, so fractional ratios round identically.
+    The table needed has ``2 * max(q_len, k_len) - 1`` rows.
+    """
+    q_ratio = np.float32(max(k_len / q_len, 1.0))
+    k_ratio = np.float32(max(q_len / k_len, 1.0))
+    dist = (np.arange(q_len, dtype=np.float32)[:, None] * q_ratio
+            - np.arange(k_len, dtype=np.float32)[None, :] * k_ratio)
+    dist = dist + np.float32((k_len - 1) * max(q_len / k_len, 1.0))
+    index = dist.astype(np.int64)
+    index.flags.writeable = False
+    return index
+
+
+def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:
+    """Resizes a (L, head_dim) relative-position table to ``length`` rows by linear interpolation.
+
+    detectron2 / MMPretrain ``get_rel_pos``: tables trained at one resolution serve any other.
+    When ``length == L`` the table is returned unchanged (the interpolation is the identity).
+    """
+    if table.shape[0] == length:
+        return table
+    matrix = jnp.asarray(linear_resize_matrix(table.shape[0], length))
+    return jnp.einsum("nl,lc->nc", matrix, table.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).astype(table.dtype)
+
+
+def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                            q_size: tuple[int, int], k_size: tuple[int, int]) -> jax.Array:
+    """Decomposed relative-position logits of MViTv2 (Li et al. 2022, sec. 3.1): q_i . (R_h + R_w).
+
+    ``q`` is (B, q_h * q_w, heads, head_dim), the spatial queries (no class token) before the
+    attention scale; the tables are (L, head_dim), resized to ``2 * max(q, k) - 1`` rows per axis
+    for the actual sizes. Returns the bias (B, heads, q_h * q_w, k_h * k_w) to add to the logits.
+    """
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    batch, _, heads, head_dim = q.shape
+    table_h = resize_rel_pos_table(rel_pos_h, 2 * max(q_h, k_h) - 1)
+    table_w = resize_rel_pos_table(rel_pos_w, 2 * max(q_w, k_w) - 1)
+    rel_h = jnp.take(table_h, decomposed_rel_pos_index(q_h, k_h), axis=0).astype(q.dtype)
+    rel_w = jnp.take(table_w, decomposed_rel_pos_index(q_w, k_w), axis=0).astype(q.dtype)
+    spatial_q = q.reshape(batch, q_h, q_w, heads, head_dim)
+    bias_h = jnp.einsum("bhwnc,hkc->bnhwk", spatial_q, rel_h)
+    bias_w = jnp.einsum("bhwnc,wkc->bnhwk", spatial_q, rel_w)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]
+    return bias.reshape(batch, heads, q_h * q_w, k_h * k_w)
