@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 
 from flexvision import registry
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel, torch_linear_kernel)
+from flexvision.models.hrnet import HRNetSegmentation, HRNetV2Head
 
 _SEQ = {"0": "conv", "1": "bn"}  # Sequential(Conv2d, BatchNorm2d, ...) positions
 _BLOCK_LEAF = r"(?P<leaf>conv\d|bn\d|downsample\.[01])"
@@ -46,8 +48,8 @@ _MODULE_RULES = tuple((re.compile(pattern), template) for pattern, template in (
     (rf"downsamp_modules\.(?P<i>\d+)\.{_CB}", "downsamp{i}/{cb}"),
     (rf"final_layer\.{_CB}", "final_layer/{cb}"),
     (r"classifier", "classifier"),
-    (rf"last_layer\.{_CB}", "last_layer/{cb}"),  # HRNet-Semantic-Segmentation head
-    (r"last_layer\.3", "classifier"),
+    (rf"last_layer\.{_CB}", "head/last_layer/{cb}"),  # HRNet-Semantic-Segmentation head
+    (r"last_layer\.3", "head/classifier"),
 ))
 _CLASSIFICATION_NECK = re.compile(r"(incre_modules|downsamp_modules|final_layer|classifier)\.")
 _TIMM_KWARGS = ("num_classes", "in_chans", "drop_rate", "head_conv_bias", "global_pool")
@@ -132,16 +134,18 @@ def from_timm_hrnet(name: str, state_dict: StateDict, *, seed: int = 0, **timm_k
         state_dict = {k: v for k, v in state_dict.items() if not _CLASSIFICATION_NECK.match(k)}
     converted = convert_state_dict(state_dict)
     if segmentation and "last_layer.3.weight" not in state_dict:
-        fresh = jax.jit(model.init)(jax.random.PRNGKey(seed), dummy)
-        fresh = traverse_util.flatten_dict(jax.device_get(_unbox(fresh)), sep="/")
-        converted.update({k: v for k, v in fresh.items() if k not in converted
-                          and k.split("/")[1] in ("last_layer", "classifier")})
+        converted.update(_fresh_segmentation_head(model, seed))
     template = abstract_variables(model, dummy)
     variables = fit_to_template(template, converted, source=f"timm {name}")
     return model, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
-def _unbox(tree):
-    from flax.core import meta  # pylint: disable=import-outside-toplevel
-
-    return meta.unbox(tree)
+def _fresh_segmentation_head(model: HRNetSegmentation, seed: int) -> dict[str, np.ndarray]:
+    """Newly initialized HRNetV2 head variables, flat under 'params/head/...' and
+    'batch_stats/head/...'; only the head is initialized, the backbone is not run."""
+    head = HRNetV2Head(model.num_classes, model.drop_rate, model.bn_momentum, model.dtype)
+    branches = [jnp.zeros((1, 1, 1, c), jnp.float32) for c in model.stages[-1].out_channels]
+    variables = meta.unbox(head.init(jax.random.PRNGKey(seed), branches))
+    flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+    return {f"{k.split('/', 1)[0]}/head/{k.split('/', 1)[1]}": np.asarray(v)
+            for k, v in flat.items()}

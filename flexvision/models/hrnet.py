@@ -407,10 +407,35 @@ class HRNet(nn.Module):
         return outputs
 
 
+class HRNetV2Head(nn.Module):
+    """HRNetV2 representation head (HRNet-Semantic-Segmentation ``seg_hrnet.py``): every branch
+    upsampled bilinearly (align_corners=False) to the first branch's size, concatenated, 1x1 conv
+    (bias) + BN + ReLU ('last_layer'), then a 1x1 conv classifier (bias).
+
+    Returns ``(representation, logits)`` at the first branch's resolution.
+    """
+
+    num_classes: int
+    drop_rate: float = 0.0
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, branches: Sequence[jax.Array], train: bool = False,
+                 ) -> tuple[jax.Array, jax.Array]:
+        size = branches[0].shape[1:3]
+        y = jnp.concatenate([resize_bilinear(b, size) for b in branches], axis=-1)
+        y = ConvNormAct(y.shape[-1], 1, use_bias=True, bn_momentum=self.bn_momentum,
+                        dtype=self.dtype, name="last_layer")(y, train)
+        representation = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
+        y = nn.Dropout(self.drop_rate, deterministic=not train)(representation)
+        logits = common.conv(self.num_classes, (1, 1), padding="VALID", dtype=self.dtype,
+                             name="classifier")(y)
+        return representation, logits
+
+
 class HRNetSegmentation(nn.Module):
-    """HRNetV2 semantic segmentation (HRNet-Semantic-Segmentation ``seg_hrnet.py``): the
-    backbone's four branches upsampled bilinearly (align_corners=False) to branch 1's size,
-    concatenated, 1x1 conv (bias) + BN + ReLU, 1x1 conv classifier (bias).
+    """HRNetV2 semantic segmentation: :class:`HRNetBackbone` + :class:`HRNetV2Head` ('head').
 
     ``apply(v, x)`` -> per-pixel logits (B, ceil(H/4), ceil(W/4), num_classes); upsample them to
     the label size for the loss. ``method="features"`` -> 'stem', 'branch1'..'branch4' and
@@ -436,20 +461,12 @@ class HRNetSegmentation(nn.Module):
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
         _check_images(images, self.in_chans, type(self).__name__)
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
-        stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw, name="backbone")(
-            images, train)
-        outputs = {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)}}
-        size = branches[0].shape[1:3]
-        y = jnp.concatenate([resize_bilinear(b, size) for b in branches], axis=-1)
-        y = ConvNormAct(y.shape[-1], 1, use_bias=True, **kw, name="last_layer")(y, train)
-        y = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
-        outputs["pre_logits"] = y
-        y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
-        logits = common.conv(self.num_classes, (1, 1), padding="VALID", dtype=self.dtype,
-                             name="classifier")(y)
-        outputs["logits"] = logits.astype(jnp.float32)
-        return outputs
+        stem, branches = HRNetBackbone(self.stages, self.stem_width, bn_momentum=self.bn_momentum,
+                                       dtype=self.dtype, name="backbone")(images, train)
+        representation, logits = HRNetV2Head(self.num_classes, self.drop_rate, self.bn_momentum,
+                                             self.dtype, name="head")(branches, train)
+        return {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)},
+                "pre_logits": representation, "logits": logits.astype(jnp.float32)}
 
 
 for _name, _stages in HRNET_STAGES.items():
