@@ -121,9 +121,9 @@ def test_segmentation_output_at_quarter_size(segmenter, classifier, size, batch)
         cls_features = cls_features_fn(cls_variables, images)
         for key in ("stem", "branch1", "branch2", "branch3", "branch4"):
             np.testing.assert_array_equal(features[key], cls_features[key])
-        # __call__ gives the logits at ceil(H/4) x ceil(W/4); a tiny image keeps it cheap.
-        logits = model.apply(seg_variables, images[:1, :9, :13])
-        assert logits.shape == (1, 3, 4, 5)
+        # __call__ returns the head's logits at ceil(H/4) x ceil(W/4) (shapes only: no compute).
+        logits = jax.eval_shape(lambda v, x: model.apply(v, x), seg_variables, images)
+        assert logits.shape == (batch, *quarter, model.num_classes)
     else:
         head = nn.unbox(seg_variables["params"]["head"]["classifier"])
         logits = np.einsum("bhwc,ck->bhwk", np.asarray(features["pre_logits"]),
@@ -132,7 +132,7 @@ def test_segmentation_output_at_quarter_size(segmenter, classifier, size, batch)
 
 
 def test_segmentation_checkpoint_round_trip(segmenter):
-    """A HRNet-Semantic-Segmentation style state dict (last_layer.{0,1,3}) imports exactly."""
+    """A HRNet-Semantic-Segmentation state dict (last_layer.{0,1,3} head) imports exactly."""
     _, variables, _ = segmenter
     params = nn.unbox(variables["params"])["head"]
     stats = variables["batch_stats"]["head"]
@@ -149,12 +149,30 @@ def test_segmentation_checkpoint_round_trip(segmenter):
     arrays, _ = load_fixture(FIXTURE)
     backbone = {k: v for k, v in state_dict_of(arrays).items()
                 if not k.startswith(("incre", "downsamp", "final_layer", "classifier"))}
-    _, imported = convert.from_timm("hrnet_w18_small_seg", {**backbone, **head})
+    # As HRNet-Semantic-Segmentation saves it: its FullModel wrapper adds 'model.' and 'loss.'.
+    checkpoint = {f"model.{k}": v for k, v in {**backbone, **head}.items()}
+    checkpoint["loss.criterion.weight"] = np.ones(5, np.float32)
+    _, imported = convert.from_timm("hrnet_w18_small_seg", checkpoint)
     np.testing.assert_array_equal(imported["batch_stats"]["head"]["last_layer"]["bn"]["mean"],
                                   stats["last_layer"]["bn"]["mean"] + 1.0)
     for a, b in zip(jax.tree_util.tree_leaves(imported["params"]),
                     jax.tree_util.tree_leaves(nn.unbox(variables["params"]))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compute_dtype_bfloat16():
+    """``dtype`` sets the compute dtype; params stay float32, logits come back as float32."""
+    stages = hrnet.hrnet_stages(8, stage1_blocks=1, stage1_width=8, blocks=1)
+    images = jnp.zeros((1, 45, 61, 3), jnp.float32)
+    for model in (hrnet.HRNet(stages=stages, num_classes=3, dtype=jnp.bfloat16),
+                  hrnet.HRNetSegmentation(stages=stages, num_classes=3, dtype=jnp.bfloat16)):
+        variables = convert_common.abstract_variables(model, images)
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {np.dtype(np.float32)}
+        logits = jax.eval_shape(lambda v: model.apply(v, images), variables)
+        features = jax.eval_shape(lambda v: model.apply(v, images, method="features"), variables)
+        assert logits.dtype == jnp.float32
+        assert features["branch4"].dtype == features["pre_logits"].dtype == jnp.bfloat16
+        assert features["branch4"].shape == (1, 2, 2, 64)
 
 
 # --- resizing semantics ---------------------------------------------------------------------------

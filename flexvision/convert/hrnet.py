@@ -80,6 +80,8 @@ def convert_state_dict(state_dict: StateDict) -> dict[str, np.ndarray]:
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         module, _, leaf = key.rpartition(".")
+        if leaf == "num_batches_tracked":
+            continue
         modules.setdefault(module, {})[leaf] = np.asarray(value)
     out = {}
     for module, tensors in modules.items():
@@ -103,6 +105,14 @@ def convert_state_dict(state_dict: StateDict) -> dict[str, np.ndarray]:
     return out
 
 
+def _strip_training_wrapper(state_dict: StateDict) -> StateDict:
+    """Removes the 'model.' prefix and 'loss.' entries of a HRNet-Semantic-Segmentation training
+    checkpoint (its FullModel wrapper); other state dicts pass unchanged."""
+    if state_dict and all(k.startswith(("model.", "loss.")) for k in state_dict):
+        return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    return state_dict
+
+
 def _model_kwargs(name: str, state_dict: StateDict, timm_kwargs: dict[str, Any]) -> dict:
     unknown = sorted(set(timm_kwargs) - set(_TIMM_KWARGS))
     if unknown:
@@ -119,6 +129,8 @@ def _model_kwargs(name: str, state_dict: StateDict, timm_kwargs: dict[str, Any])
         kwargs["in_chans"] = int(state_dict["conv1.weight"].shape[1])
     if name.endswith("_seg"):
         kwargs.pop("head_conv_bias", None)
+    elif "head_conv_bias" not in kwargs and "final_layer.0.weight" in state_dict:
+        kwargs["head_conv_bias"] = "final_layer.0.bias" in state_dict  # False for *_ssld
     return kwargs
 
 
@@ -127,6 +139,7 @@ def _model_kwargs(name: str, state_dict: StateDict, timm_kwargs: dict[str, Any])
                                 "segmentation from a classification or segmentation checkpoint)")
 def from_timm_hrnet(name: str, state_dict: StateDict, *, seed: int = 0, **timm_kwargs):
     """Imports a timm HRNet state dict as ``(model, variables)``; see the module docstring."""
+    state_dict = _strip_training_wrapper(state_dict)
     model = registry.create_model(name, **_model_kwargs(name, state_dict, timm_kwargs))
     dummy = jnp.zeros((1, 32, 32, model.in_chans), jnp.float32)
     segmentation = name.endswith("_seg")

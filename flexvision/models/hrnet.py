@@ -130,11 +130,19 @@ def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of NHWC ``x`` to spatial ``size`` (PyTorch 'nearest' indexing)."""
-    (in_h, in_w), (out_h, out_w) = x.shape[1:3], size
-    if (in_h, in_w) != (out_h, out_w):
-        x = jnp.take(x, nearest_source_indices(in_h, out_h), axis=1)
-        x = jnp.take(x, nearest_source_indices(in_w, out_w), axis=2)
+    """Nearest-neighbour resize of NHWC ``x`` to spatial ``size`` (PyTorch 'nearest' indexing).
+
+    Exact integer factors repeat pixels (a broadcast, cheap on accelerators); other sizes gather
+    rows and columns through :func:`nearest_source_indices`.
+    """
+    for axis, out_size in ((1, size[0]), (2, size[1])):
+        in_size = x.shape[axis]
+        if out_size == in_size:
+            continue
+        if out_size % in_size == 0:
+            x = jnp.repeat(x, out_size // in_size, axis=axis)
+        else:
+            x = jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
     return x
 
 
