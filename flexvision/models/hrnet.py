@@ -111,7 +111,9 @@ def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
     """Source index of each output pixel for PyTorch ``F.interpolate(size=..., mode='nearest')``:
     ``floor(dst * in / out)``. For ``out = in * 2**k`` this is ``floor(dst / 2**k)``, i.e.
     ``nn.Upsample(scale_factor=2**k, mode='nearest')`` as in timm's fuse layers."""
-    return np.minimum(np.arange(out_size) * in_size // out_size, in_size - 1).astype(np.int32)
+    indices = np.minimum(np.arange(out_size) * in_size // out_size, in_size - 1).astype(np.int32)
+    indices.setflags(write=False)  # shared through the cache
+    return indices
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +128,9 @@ def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     matrix = np.zeros((out_size, in_size), np.float64)
     np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
     np.add.at(matrix, (np.arange(out_size), hi), frac)
-    return matrix.astype(np.float32)
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)  # shared through the cache
+    return matrix
 
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
