@@ -65,3 +65,17 @@ def layer_norm(epsilon: float = 1e-6, *, dtype=None, name: str | None = None) ->
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
                         scale_init=param_init(nn.initializers.ones, ("norm",)),
                         bias_init=param_init(nn.initializers.zeros, ("norm",)))
+
+
+def batch_norm(*, momentum: float = 0.9, epsilon: float = 1e-5,
+               axes: Sequence[str | None] = ("norm",), dtype=None, name: str | None = None,
+               ) -> nn.BatchNorm:
+    """``nn.BatchNorm`` over the last (channel) axis with logically named scale and bias.
+
+    ``momentum`` is Flax's decay of the running averages (running = momentum * running +
+    (1 - momentum) * batch), so PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here. Call it with
+    ``use_running_average=not train``; the running mean/var live in the 'batch_stats' collection.
+    """
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, name=name,
+                        scale_init=param_init(nn.initializers.ones, axes),
+                        bias_init=param_init(nn.initializers.zeros, axes))

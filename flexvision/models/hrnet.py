@@ -1,0 +1,492 @@
+"""HRNet: high-resolution networks, for classification and for dense prediction.
+
+Wang et al. 2019, "Deep High-Resolution Representation Learning for Visual Recognition"
+(arXiv 1908.07919). A high-resolution branch is kept through the whole network; each stage adds a
+branch at half the resolution of the last one (a *transition*), and each *exchange unit*
+(timm's ``HighResolutionModule``) runs residual blocks per branch, then fuses every branch into
+every other one: strided 3x3 convs going down, a 1x1 conv plus nearest upsampling going up.
+
+Two heads share the same backbone module:
+
+* :class:`HRNet` — the ImageNet classification network (timm ``hrnet_w18_small`` ... ``hrnet_w64``):
+  the "incre" bottlenecks lift each branch to 128/256/512/1024 channels, strided convs (with
+  bias) fold them from high to low resolution, a 1x1 conv to 2048, global average pool, linear.
+* :class:`HRNetSegmentation` — the HRNetV2 representation head of HRNet-Semantic-Segmentation:
+  all branches upsampled (bilinear, align_corners=False) to the highest resolution,
+  concatenated, 1x1 conv + BN + ReLU, 1x1 classifier. Per-pixel logits at 1/4 of the input size
+  (rounded up). Registered as ``<name>_seg``, e.g.::
+
+      model = flexvision.create_model("hrnet_w18_seg", num_classes=19)
+      variables = model.init(jax.random.PRNGKey(0), images)           # images: (B, H, W, 3)
+      logits = model.apply(variables, images)                         # (B, ceil(H/4), ceil(W/4), 19)
+      # ImageNet-pretrained backbone from a timm classification checkpoint, head freshly made:
+      model, variables = flexvision.convert.from_timm("hrnet_w18_seg", "hrnet_w18.safetensors",
+                                                       num_classes=19)
+
+Any input size works, not only multiples of 32: every strided 3x3 conv (padding 1) maps a size
+``n`` to ``ceil(n / 2)``, and upsampling in the fuse layers goes to the exact size of the target
+branch instead of a fixed factor of 2**k. For sizes that are multiples of 2**k this is exactly
+timm's ``nn.Upsample(scale_factor=2**k, mode='nearest')``.
+
+BatchNorm: ``train=True`` normalizes with batch statistics and updates the running averages, so
+the 'batch_stats' collection must be mutable::
+
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexvision.layers import common
+from flexvision.registry import register_model
+
+BN_EPSILON = 1e-5
+# PyTorch BatchNorm momentum 0.1 (timm's _BN_MOMENTUM), in Flax's convention.
+BN_MOMENTUM = 0.9
+# The classification neck's per-branch bottleneck widths (x4 expansion: 128, 256, 512, 1024).
+HEAD_CHANNELS = (32, 64, 128, 256)
+BOTTLENECK_EXPANSION = 4
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, fan_out, relu
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage: ``num_modules`` exchange units over ``len(num_channels)`` branches.
+
+    ``num_channels`` are block widths; a bottleneck block outputs 4x its width.
+    """
+
+    num_modules: int
+    block: str  # "basic" or "bottleneck"
+    num_blocks: tuple[int, ...]
+    num_channels: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        if len(self.num_blocks) != len(self.num_channels):
+            raise ValueError(f"num_blocks {self.num_blocks} and num_channels {self.num_channels} "
+                             f"must name the same number of branches")
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        expansion = BOTTLENECK_EXPANSION if self.block == "bottleneck" else 1
+        return tuple(c * expansion for c in self.num_channels)
+
+
+def hrnet_stages(width: int, *, stage1_blocks: int = 4, stage1_width: int = 64,
+                 blocks: int = 4, modules: Sequence[int] = (1, 4, 3)) -> tuple[StageSpec, ...]:
+    """The four stages of HRNet-W``width``: branches of width C, 2C, 4C, 8C (paper Sec. 3)."""
+    return (
+        StageSpec(1, "bottleneck", (stage1_blocks,), (stage1_width,)),
+        StageSpec(modules[0], "basic", (blocks,) * 2, (width, 2 * width)),
+        StageSpec(modules[1], "basic", (blocks,) * 3, (width, 2 * width, 4 * width)),
+        StageSpec(modules[2], "basic", (blocks,) * 4, (width, 2 * width, 4 * width, 8 * width)),
+    )
+
+
+# timm's cfg_cls, by name.
+HRNET_STAGES = {
+    "hrnet_w18_small": hrnet_stages(16, stage1_blocks=1, stage1_width=32, blocks=2,
+                                    modules=(1, 1, 1)),
+    "hrnet_w18_small_v2": hrnet_stages(18, stage1_blocks=2, blocks=2, modules=(1, 3, 2)),
+    **{f"hrnet_w{w}": hrnet_stages(w) for w in (18, 30, 32, 40, 44, 48, 64)},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing at exact sizes (index tables and matrices depend on static shapes only: cached NumPy).
+
+@functools.lru_cache(maxsize=None)
+def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel for PyTorch ``F.interpolate(size=..., mode='nearest')``:
+    ``floor(dst * in / out)``. For ``out = in * 2**k`` this is ``floor(dst / 2**k)``, i.e.
+    ``nn.Upsample(scale_factor=2**k, mode='nearest')`` as in timm's fuse layers."""
+    indices = np.minimum(np.arange(out_size) * in_size // out_size, in_size - 1).astype(np.int32)
+    indices.setflags(write=False)  # shared through the cache
+    return indices
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` along
+    one axis: source coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, linear taps at its
+    floor and floor + 1 (the last pixel repeated at the edge). No antialiasing."""
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    matrix = np.zeros((out_size, in_size), np.float64)
+    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(matrix, (np.arange(out_size), hi), frac)
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)  # shared through the cache
+    return matrix
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC ``x`` to spatial ``size`` (PyTorch 'nearest' indexing).
+
+    Exact integer factors repeat pixels (a broadcast, cheap on accelerators); other sizes gather
+    rows and columns through :func:`nearest_source_indices`.
+    """
+    for axis, out_size in ((1, size[0]), (2, size[1])):
+        in_size = x.shape[axis]
+        if out_size == in_size:
+            continue
+        if out_size % in_size == 0:
+            x = jnp.repeat(x, out_size // in_size, axis=axis)
+        else:
+            x = jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
+    return x
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of NHWC ``x`` to ``size``, PyTorch ``align_corners=False`` semantics."""
+    (in_h, in_w), (out_h, out_w) = x.shape[1:3], size
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    rows = jnp.asarray(bilinear_resize_matrix(in_h, out_h), x.dtype)
+    cols = jnp.asarray(bilinear_resize_matrix(in_w, out_w), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks. Every conv is bias-free and followed by BatchNorm unless stated otherwise.
+
+def _conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool = False, dtype=None,
+          name: str) -> nn.Conv:
+    """PyTorch-style conv: symmetric padding ``kernel // 2`` (not 'SAME', which pads strided
+    convs on even sizes asymmetrically)."""
+    pad = kernel // 2
+    return common.conv(features, (kernel, kernel), strides=strides,
+                       padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                       kernel_init=_conv_init, dtype=dtype, name=name)
+
+
+def _norm(module: nn.Module, name: str) -> nn.BatchNorm:
+    return common.batch_norm(momentum=module.bn_momentum, epsilon=BN_EPSILON, axes=("conv_out",),
+                             dtype=module.dtype, name=name)
+
+
+class ConvNormAct(nn.Module):
+    """conv -> BatchNorm (-> ReLU): the ``Sequential(Conv2d, BatchNorm2d[, ReLU])`` of HRNet."""
+
+    features: int
+    kernel: int = 3
+    strides: int = 1
+    use_bias: bool = False
+    act: bool = True
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _conv(self.features, self.kernel, self.strides, use_bias=self.use_bias,
+                  dtype=self.dtype, name="conv")(x)
+        x = _norm(self, "bn")(x, use_running_average=not train)
+        return nn.relu(x) if self.act else x
+
+
+class ConvChain(nn.Module):
+    """A chain of 3x3 ConvNormAct steps ``(features, strides, act)``: the transition layers
+    (a new branch reached from the last one by stride-2 convs) and the downward fuse paths."""
+
+    steps: tuple[tuple[int, int, bool], ...]
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for k, (features, strides, act) in enumerate(self.steps):
+            x = ConvNormAct(features, 3, strides, act=act, bn_momentum=self.bn_momentum,
+                            dtype=self.dtype, name=f"step_{k}")(x, train)
+        return x
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two 3x3 convs and an identity (or projected) skip."""
+
+    planes: int
+    strides: int = 1
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        shortcut = _projection_if_needed(self, x, train)
+        y = _conv(self.planes, 3, self.strides, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(_norm(self, "bn1")(y, use_running_average=not train))
+        y = _conv(self.planes, 3, dtype=self.dtype, name="conv2")(y)
+        y = _norm(self, "bn2")(y, use_running_average=not train)
+        return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (He et al. 2016): 1x1 reduce, 3x3, 1x1 expand to 4x ``planes``."""
+
+    planes: int
+    strides: int = 1
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+    expansion = BOTTLENECK_EXPANSION
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        shortcut = _projection_if_needed(self, x, train)
+        y = _conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(_norm(self, "bn1")(y, use_running_average=not train))
+        y = _conv(self.planes, 3, self.strides, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(_norm(self, "bn2")(y, use_running_average=not train))
+        y = _conv(self.planes * self.expansion, 1, dtype=self.dtype, name="conv3")(y)
+        y = _norm(self, "bn3")(y, use_running_average=not train)
+        return nn.relu(y + shortcut)
+
+
+def _projection_if_needed(block: nn.Module, x: jax.Array, train: bool) -> jax.Array:
+    """The block's skip path: identity, or a 1x1 conv + BN ('downsample') when the width or the
+    stride changes."""
+    out_features = block.planes * block.expansion
+    if block.strides == 1 and x.shape[-1] == out_features:
+        return x
+    return ConvNormAct(out_features, 1, block.strides, act=False, bn_momentum=block.bn_momentum,
+                       dtype=block.dtype, name="downsample")(x, train)
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ExchangeUnit(nn.Module):
+    """One multi-resolution module (timm's ``HighResolutionModule``), paper Sec. 3 / Fig. 2:
+    residual blocks per branch, then output ``i`` = ReLU(sum_j f_ij(x_j)) where f_ii is the
+    identity, f_ij (j > i) a 1x1 conv + BN upsampled (nearest) to branch i's exact size, and
+    f_ij (j < i) ``i - j`` stride-2 3x3 convs + BN (ReLU between them, not after the last)."""
+
+    spec: StageSpec
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
+        block_cls = _BLOCKS[self.spec.block]
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        xs = list(xs)
+        for b, (depth, planes) in enumerate(zip(self.spec.num_blocks, self.spec.num_channels)):
+            for k in range(depth):
+                xs[b] = block_cls(planes, **kw, name=f"branch{b}_{k}")(xs[b], train)
+        if len(xs) == 1:
+            return xs
+        widths = self.spec.out_channels
+        fused = []
+        for i in range(len(xs)):
+            total = None
+            for j, x in enumerate(xs):
+                if j == i:
+                    term = x
+                elif j > i:
+                    term = ConvNormAct(widths[i], 1, act=False, **kw, name=f"fuse_{i}_{j}")(x, train)
+                    term = resize_nearest(term, xs[i].shape[1:3])
+                else:
+                    steps = tuple((widths[j], 2, True) for _ in range(i - j - 1))
+                    steps += ((widths[i], 2, False),)
+                    term = ConvChain(steps, **kw, name=f"fuse_{i}_{j}")(x, train)
+                total = term if total is None else total + term
+            fused.append(nn.relu(total))
+        return fused
+
+
+def _check_images(images: jax.Array, in_chans: int, model: str) -> None:
+    if images.ndim != 4 or images.shape[-1] != in_chans:
+        raise ValueError(
+            f"{model} takes NHWC images of shape (batch, height, width, {in_chans}), got shape "
+            f"{tuple(images.shape)}; any height and width >= 1 work. Transpose NCHW input with "
+            f"x.transpose(0, 2, 3, 1).")
+
+
+class HRNetBackbone(nn.Module):
+    """Stem (two stride-2 3x3 convs, to 1/4), stage 1 (bottlenecks), then stages 2-4 with their
+    transitions. Returns the stem output and the branch outputs, high to low resolution:
+    branch ``k`` (0-based) has spatial size ``ceil(H / 2**(k + 2))``."""
+
+    stages: tuple[StageSpec, ...]
+    stem_width: int = 64
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+        if len(self.stages) < 2 or len(self.stages[0].num_channels) != 1:
+            raise ValueError(f"HRNet needs a one-branch stage 1 and at least one more stage, got "
+                             f"{self.stages}")
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        x = _conv(self.stem_width, 3, 2, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(_norm(self, "bn1")(x, use_running_average=not train))
+        x = _conv(64, 3, 2, dtype=self.dtype, name="conv2")(x)
+        stem = nn.relu(_norm(self, "bn2")(x, use_running_average=not train))
+
+        first = self.stages[0]
+        x = stem
+        for k in range(first.num_blocks[0]):
+            x = _BLOCKS[first.block](first.num_channels[0], **kw, name=f"layer1_{k}")(x, train)
+        xs = [x]
+        for s, spec in enumerate(self.stages[1:], start=2):
+            xs = self._transition(xs, spec.out_channels, f"transition{s - 1}", train)
+            for m in range(spec.num_modules):
+                xs = ExchangeUnit(spec, **kw, name=f"stage{s}_{m}")(xs, train)
+        return stem, xs
+
+    def _transition(self, xs: list[jax.Array], widths: tuple[int, ...], name: str,
+                    train: bool) -> list[jax.Array]:
+        """Existing branches keep their input (a 3x3 conv if the width changes); each new branch
+        comes from the lowest-resolution one by stride-2 3x3 convs (paper Sec. 3)."""
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        out = []
+        for i, width in enumerate(widths):
+            if i < len(xs):
+                if xs[i].shape[-1] == width:
+                    out.append(xs[i])
+                else:
+                    out.append(ConvChain(((width, 1, True),), **kw, name=f"{name}_{i}")(xs[i], train))
+            else:
+                last = xs[-1].shape[-1]
+                steps = tuple((width if k == i - len(xs) else last, 2, True)
+                              for k in range(i + 1 - len(xs)))
+                out.append(ConvChain(steps, **kw, name=f"{name}_{i}")(xs[-1], train))
+        return out
+
+
+class HRNet(nn.Module):
+    """HRNet image classifier (timm ``HighResolutionNet``, head='classification').
+
+    ``apply(v, x)`` -> logits; ``apply(v, x, method="features")`` -> dict with 'stem' (1/4,
+    64 channels), 'branch1'..'branch4' (1/4 .. 1/32), 'pre_logits' (pooled 2048 features).
+    """
+
+    stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w18"]
+    num_classes: int = 1000
+    in_chans: int = 3
+    stem_width: int = 64
+    num_features: int = 2048
+    head_conv_bias: bool = True
+    drop_rate: float = 0.0
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        return self._forward(images, train)["logits"]
+
+    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        outputs = self._forward(images, train)
+        del outputs["logits"]
+        return outputs
+
+    @nn.compact
+    def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        _check_images(images, self.in_chans, type(self).__name__)
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw, name="backbone")(
+            images, train)
+        outputs = {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)}}
+
+        y = None
+        for i, branch in enumerate(branches):
+            lifted = Bottleneck(HEAD_CHANNELS[i], **kw, name=f"incre{i}")(branch, train)
+            if y is None:
+                y = lifted
+            else:
+                y = lifted + ConvNormAct(HEAD_CHANNELS[i] * BOTTLENECK_EXPANSION, 3, 2,
+                                         use_bias=self.head_conv_bias, **kw,
+                                         name=f"downsamp{i - 1}")(y, train)
+        y = ConvNormAct(self.num_features, 1, use_bias=self.head_conv_bias, **kw,
+                        name="final_layer")(y, train)
+        pooled = jnp.mean(y, axis=(1, 2))
+        pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
+        outputs["pre_logits"] = pooled
+        pooled = nn.Dropout(self.drop_rate, deterministic=not train)(pooled)
+        logits = common.dense(self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
+                              name="classifier")(pooled)
+        outputs["logits"] = logits.astype(jnp.float32)
+        return outputs
+
+
+class HRNetV2Head(nn.Module):
+    """HRNetV2 representation head (HRNet-Semantic-Segmentation ``seg_hrnet.py``): every branch
+    upsampled bilinearly (align_corners=False) to the first branch's size, concatenated, 1x1 conv
+    (bias) + BN + ReLU ('last_layer'), then a 1x1 conv classifier (bias).
+
+    Returns ``(representation, logits)`` at the first branch's resolution.
+    """
+
+    num_classes: int
+    drop_rate: float = 0.0
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, branches: Sequence[jax.Array], train: bool = False,
+                 ) -> tuple[jax.Array, jax.Array]:
+        size = branches[0].shape[1:3]
+        y = jnp.concatenate([resize_bilinear(b, size) for b in branches], axis=-1)
+        y = ConvNormAct(y.shape[-1], 1, use_bias=True, bn_momentum=self.bn_momentum,
+                        dtype=self.dtype, name="last_layer")(y, train)
+        representation = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
+        y = nn.Dropout(self.drop_rate, deterministic=not train)(representation)
+        logits = common.conv(self.num_classes, (1, 1), padding="VALID", dtype=self.dtype,
+                             name="classifier")(y)
+        return representation, logits
+
+
+class HRNetSegmentation(nn.Module):
+    """HRNetV2 semantic segmentation: :class:`HRNetBackbone` + :class:`HRNetV2Head` ('head').
+
+    ``apply(v, x)`` -> per-pixel logits (B, ceil(H/4), ceil(W/4), num_classes); upsample them to
+    the label size for the loss. ``method="features"`` -> 'stem', 'branch1'..'branch4' and
+    'pre_logits' (the per-pixel representation before the classifier).
+    """
+
+    stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w48"]
+    num_classes: int = 19
+    in_chans: int = 3
+    stem_width: int = 64
+    drop_rate: float = 0.0
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = None
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        return self._forward(images, train)["logits"]
+
+    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        outputs = self._forward(images, train)
+        del outputs["logits"]
+        return outputs
+
+    @nn.compact
+    def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        _check_images(images, self.in_chans, type(self).__name__)
+        stem, branches = HRNetBackbone(self.stages, self.stem_width, bn_momentum=self.bn_momentum,
+                                       dtype=self.dtype, name="backbone")(images, train)
+        representation, logits = HRNetV2Head(self.num_classes, self.drop_rate, self.bn_momentum,
+                                             self.dtype, name="head")(branches, train)
+        return {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)},
+                "pre_logits": representation, "logits": logits.astype(jnp.float32)}
+
+
+for _name, _stages in HRNET_STAGES.items():
+    register_model(_name, HRNet, family="hrnet", stages=_stages,
+                   description=f"timm {_name}: HRNet classifier (incre neck, 2048-d pool)")
+    register_model(f"{_name}_seg", HRNetSegmentation, family="hrnet", stages=_stages,
+                   description=f"HRNetV2 segmentation head on the {_name} backbone")
+for _name in ("hrnet_w18", "hrnet_w48"):
+    register_model(f"{_name}_ssld", HRNet, family="hrnet", stages=HRNET_STAGES[_name],
+                   head_conv_bias=False,
+                   description=f"timm {_name}_ssld: {_name} with bias-free neck convs")
