@@ -118,13 +118,20 @@ def test_every_parameter_has_logical_axis_names():
 
 def test_training_mode_bfloat16_and_bad_inputs(reference):
     _, _, model, variables, _ = reference
-    model = model.clone(drop_path_rate=0.5)
+    # The reference weights trimmed to one block per stage keep this compile small.
+    model = model.clone(depths=(1, 1, 1, 1), drop_path_rate=0.5)
+    variables = {"params": {k: v for k, v in variables["params"].items() if "_block1" not in k}}
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 33, 40, 3))
-    evals = jax.jit(model.apply)(variables, images)
-    trains = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key}))(
-        variables, images, jax.random.PRNGKey(2))
+    half_model = model.clone(dtype=jnp.bfloat16)
+
+    @jax.jit
+    def eval_train_and_half(variables, images, key):
+        return (model.apply(variables, images),
+                model.apply(variables, images, train=True, rngs={"dropout": key}),
+                half_model.apply(variables, images))
+
+    evals, trains, half = eval_train_and_half(variables, images, jax.random.PRNGKey(2))
     assert trains.shape == evals.shape and not np.allclose(trains, evals)
-    half = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, images)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), evals, atol=0.1)
     with pytest.raises(ValueError, match=r"height and width >= 3.*got 2x40"):
