@@ -1,4 +1,4 @@
-"""AS-MLP: parity with the official AS_MLP, axial shift / GroupNorm / merging semantics, any size."""
+"""AS-MLP: parity with the official AS_MLP, axial shift, GroupNorm, merging order, any size."""
 
 import json
 import math
@@ -152,7 +152,8 @@ def test_registered_variants_have_the_official_parameter_counts():
 def test_every_parameter_has_logical_axis_names():
     model = ASMLP(embed_dim=8, depths=(1, 1, 1, 1), num_classes=3)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    leaves = jax.tree_util.tree_leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    leaves = jax.tree_util.tree_leaves(boxed["params"],
+                                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for leaf in leaves:
         assert len(leaf.names) == leaf.value.ndim and all(leaf.names)

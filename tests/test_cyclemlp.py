@@ -95,7 +95,8 @@ def test_importer_rejects_modified_offsets_and_wrong_kwargs():
 
 def test_registered_variants_have_the_official_parameter_counts():
     counts = json.loads((FIXTURES / "param_counts.json").read_text())["counts"]
-    expected = {f"cyclemlp_b{i}": counts[f"CycleMLP_B{i} (official cycle_mlp.py)"] for i in (1, 2, 3)}
+    expected = {f"cyclemlp_b{i}": counts[f"CycleMLP_B{i} (official cycle_mlp.py)"]
+                for i in (1, 2, 3)}
     assert set(flexvision.list_models(family="cyclemlp")) == {f"cyclemlp_b{i}" for i in range(1, 6)}
     images = np.zeros((1, 64, 64, 3), np.float32)
     for name in flexvision.list_models(family="cyclemlp"):
@@ -110,7 +111,8 @@ def test_registered_variants_have_the_official_parameter_counts():
 def test_every_parameter_has_logical_axis_names():
     model = CycleMLP(depths=(1, 1, 1, 1), embed_dims=(8, 8, 16, 16), num_classes=3)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    leaves = jax.tree_util.tree_leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    leaves = jax.tree_util.tree_leaves(boxed["params"],
+                                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for leaf in leaves:
         assert len(leaf.names) == leaf.value.ndim and all(leaf.names)

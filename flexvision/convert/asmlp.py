@@ -55,8 +55,9 @@ def convert_state_dict(sd: StateDict, depths) -> dict[str, np.ndarray]:
                 if f"{key}.bias" in sd:
                     params[f"{target}/{fc.replace('.', '/')}/bias"] = sd.pop(f"{key}.bias")
             for norm in _BLOCK_NORMS:
-                params[f"{target}/{norm.replace('.', '/')}/scale"] = sd.pop(f"{prefix}.{norm}.weight")
-                params[f"{target}/{norm.replace('.', '/')}/bias"] = sd.pop(f"{prefix}.{norm}.bias")
+                name = f"{target}/{norm.replace('.', '/')}"
+                params[f"{name}/scale"] = sd.pop(f"{prefix}.{norm}.weight")
+                params[f"{name}/bias"] = sd.pop(f"{prefix}.{norm}.bias")
         if i < len(depths) - 1:
             prefix, target = f"layers.{i}.downsample", f"downsample{i + 1}"
             params[f"{target}/reduction/kernel"] = _conv1x1_kernel(

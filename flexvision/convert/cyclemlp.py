@@ -38,8 +38,9 @@ def _network_layout(depths, embed_dims, transitions) -> list[tuple[str, int]]:
 
 
 # (official name inside a CycleBlock, flax name) of its Linear layers.
-_BLOCK_LINEARS = (("attn.reweight.fc1", "attn/reweight/fc1"), ("attn.reweight.fc2", "attn/reweight/fc2"),
-                  ("attn.proj", "attn/proj"), ("mlp.fc1", "mlp/fc1"), ("mlp.fc2", "mlp/fc2"))
+_BLOCK_LINEARS = (("attn.reweight.fc1", "attn/reweight/fc1"),
+                  ("attn.reweight.fc2", "attn/reweight/fc2"), ("attn.proj", "attn/proj"),
+                  ("mlp.fc1", "mlp/fc1"), ("mlp.fc2", "mlp/fc2"))
 
 
 def _block_params(sd: "_Reader", prefix: str) -> dict[str, np.ndarray]:
@@ -152,8 +153,9 @@ def convert_official_cyclemlp(name: str, state_dict: StateDict, *, layers, embed
                          f"with layers={list(depths)}, embed_dims={list(model.embed_dims)}, "
                          f"transitions={list(transitions)} would have; check the kwargs") from err
     if reader.unread():
-        raise ValueError(f"cyclemlp: {len(reader.unread())} entries of the state dict have no place "
-                         f"in CycleNet(layers={list(depths)}, embed_dims={list(model.embed_dims)}, "
-                         f"transitions={list(transitions)}): {reader.unread()[:10]}; check the kwargs")
+        raise ValueError(f"cyclemlp: {len(reader.unread())} entries of the state dict have no "
+                         f"place in CycleNet(layers={list(depths)}, embed_dims="
+                         f"{list(model.embed_dims)}, transitions={list(transitions)}): "
+                         f"{reader.unread()[:10]}; check the kwargs")
     template = abstract_variables(model, np.zeros((1, 32, 32, 3), np.float32))
     return model, fit_to_template(template, flat, source="cyclemlp (official)")

@@ -3,11 +3,11 @@
 Both architectures move each channel of an NHWC map by a fixed integer number of pixels along
 one spatial axis, fill the vacated border with zeros, and then mix channels with a matmul:
 
-- CycleMLP's Cycle FC (Chen et al. 2022, eq. 4) samples channel ``c`` at offset
+- CycleMLP's Cycle FC (Chen et al. 2022) samples channel ``c`` at offset
   ``(c + k // 2) mod k - k // 2`` along W (``sfc_h``, kernel 1xk) or H (``sfc_w``, kernel kx1).
   The official code does this with a deformable convolution whose offsets are constant over
   space; with integer offsets and a 1x1 kernel that is exactly a shift with zero padding.
-- AS-MLP's axial shift (Lian et al. 2022, sec. 3.1) splits the channels into ``shift_size``
+- AS-MLP's axial shift (Lian et al. 2022, "Axial Shift") splits the channels into ``shift_size``
   contiguous groups of ``ceil(C / shift_size)`` channels (the last one smaller) and moves group
   ``g`` by ``g - shift_size // 2`` pixels.
 

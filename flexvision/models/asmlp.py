@@ -3,9 +3,8 @@
 A Swin-like hierarchy whose token mixing is the axial shift: after a channel projection, the
 channels are split into ``shift_size`` groups that are moved by -shift_size//2 .. shift_size//2
 pixels along W (one branch) and along H (the other), with zeros filling the vacated border;
-each branch is mixed by a channel projection and the two are summed (sec. 3.1, eq. 2). Every
-normalisation is GroupNorm with one group, i.e. over (H, W, C) of each image, exactly as the
-official code's ``MyNorm``.
+each branch is mixed by a channel projection and the two are summed. Every normalisation is
+GroupNorm with one group, i.e. over (H, W, C) of each image, as the official code's ``MyNorm``.
 
 Names follow svip-lab/AS-MLP models/as_mlp.py (``axial_shift.conv1``, ``conv2_1`` (W shift),
 ``conv2_2`` (H shift), ``conv3``, ``norm1``, ``norm2``; ``downsample.norm``/``reduction``) so
@@ -43,7 +42,7 @@ from flexvision.registry import register_model
 
 @functools.lru_cache(maxsize=None)
 def axial_shift_amounts(channels: int, shift_size: int) -> tuple[int, ...]:
-    """Shift of each channel in AS-MLP's axial shift (Lian et al. 2022, sec. 3.1).
+    """Shift of each channel in AS-MLP's axial shift (Lian et al. 2022, "Axial Shift").
 
     Channels form contiguous groups of ``ceil(C / shift_size)`` (the last one smaller, and
     fewer than ``shift_size`` groups when C is small, as ``torch.chunk``); group ``g`` moves by

@@ -25,6 +25,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexvision.layers.common import conv, dense, param_init
 from flexvision.layers.drop import DropPath, drop_path_rates
@@ -37,7 +38,7 @@ MIN_INPUT_SIZE = 3  # the 7x7 stride-4 patch embedding with padding 2 needs at l
 
 @functools.lru_cache(maxsize=None)
 def cycle_fc_offsets(channels: int, kernel_size: int) -> tuple[int, ...]:
-    """Sampling offset of each input channel of a Cycle FC (Chen et al. 2022, eq. 4).
+    """Sampling offset of each input channel of a Cycle FC (Chen et al. 2022, Cycle FC).
 
     Channel ``c`` is read at ``(c + k // 2) mod k - k // 2`` pixels from the output position
     along the FC's axis (official ``CycleFC.gen_offset``): for k = 3 the offsets cycle 0, 1, -1.
@@ -48,14 +49,12 @@ def cycle_fc_offsets(channels: int, kernel_size: int) -> tuple[int, ...]:
     return tuple((c + start) % kernel_size - kernel_size // 2 for c in range(channels))
 
 
-def cycle_fc_offset_buffer(channels: int, kernel_size: Sequence[int]):
+def cycle_fc_offset_buffer(channels: int, kernel_size: Sequence[int]) -> np.ndarray:
     """The official ``CycleFC.offset`` buffer, (1, 2 * channels, 1, 1) as (dy, dx) per channel.
 
     Used by the importer to check that a checkpoint's buffers are the constants this module
     builds itself.
     """
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
     kh, kw = kernel_size
     if kh != 1 and kw != 1:
         raise ValueError(f"Cycle FC kernel must be 1xk or kx1, got {kh}x{kw}")
@@ -68,7 +67,7 @@ def cycle_fc_offset_buffer(channels: int, kernel_size: Sequence[int]):
 
 
 class CycleFC(nn.Module):
-    """Cycle FC along one spatial axis: per-channel offsets, then a channel FC (eq. 4).
+    """Cycle FC along one spatial axis: per-channel offsets, then a channel FC.
 
     ``axis`` is 1 (height) or 2 (width) of an NHWC map. Output position (i, j) sees input
     channel c at (i + offset_c, j) or (i, j + offset_c); positions outside the map read zero,
@@ -82,6 +81,9 @@ class CycleFC(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.axis not in (1, 2):
+            raise ValueError(f"CycleFC axis must be 1 (height) or 2 (width) of an NHWC map, "
+                             f"got {self.axis}")
         channels = x.shape[-1]
         kernel = self.param("kernel", param_init(nn.initializers.xavier_uniform(),
                                                  ("embed", "mlp")), (channels, channels))
@@ -97,7 +99,7 @@ class CycleFC(nn.Module):
 
 class CycleMLPMixer(nn.Module):
     """The token mixer of a CycleBlock (official ``CycleMLP``): Cycle FCs along W and H and a
-    channel FC, fused with split attention weights from the pooled sum (Chen et al. 2022, sec. 3.2)."""
+    channel FC, fused by split attention (as in ViP) with weights from their pooled sum."""
 
     qkv_bias: bool = False
     proj_dropout: float = 0.0
@@ -111,7 +113,8 @@ class CycleMLPMixer(nn.Module):
         mixed_c = dense(channels, axes=("embed", "mlp"), use_bias=self.qkv_bias,
                         dtype=self.dtype, name="mlp_c")(x)
         pooled = jnp.mean(along_w + along_h + mixed_c, axis=(1, 2))
-        weights = Mlp(channels // 4, out_dim=3 * channels, dtype=self.dtype, name="reweight")(pooled)
+        weights = Mlp(channels // 4, out_dim=3 * channels, dtype=self.dtype,
+                      name="reweight")(pooled)
         # Official layout: reweight(a).reshape(B, C, 3), softmax over the 3 branches.
         weights = jax.nn.softmax(weights.reshape(batch, channels, 3).astype(jnp.float32), axis=-1)
         weights = weights.astype(x.dtype)[:, None, None, :, :]
@@ -208,7 +211,8 @@ class CycleMLP(nn.Module):
             for block in range(depth):
                 x = CycleBlock(self.mlp_ratios[stage], qkv_bias=self.qkv_bias,
                                drop_path=rates[block_index], skip_lam=self.skip_lam,
-                               dtype=self.dtype, name=f"stage{stage + 1}_block{block}")(x, train=train)
+                               dtype=self.dtype,
+                               name=f"stage{stage + 1}_block{block}")(x, train=train)
                 block_index += 1
             features[f"stage{stage + 1}"] = x
         x = _layer_norm(self.dtype, "norm")(x)
