@@ -124,7 +124,8 @@ def pad_bottom_right(x: jax.Array, multiple: int) -> jax.Array:
 
 class PatchMerging(nn.Module):
     """Official PatchMerging: 2x2 space-to-depth, GroupNorm(1) over 4C, 1x1 conv to 2C, no bias.
-    With ``pad_to_fit`` an odd map is zero-padded at the bottom/right first (detection backbone)."""
+    With ``pad_to_fit`` an odd map is zero-padded at the bottom/right first, and the padded zeros
+    count in the GroupNorm statistics, as in the detection backbone."""
 
     pad_to_fit: bool = True
     dtype: jax.typing.DTypeLike | None = None
