@@ -1,0 +1,665 @@
+"""Speed benchmark for every registered model: compile time, images/s, FLOPs, utilization, memory.
+
+For each configuration (model x resolution x patch size) it measures, in one process:
+
+* compile seconds (trace + lowering, and XLA compilation, reported separately and summed);
+* steady inference and train-step throughput in images/s: after warm-up, ``repeats`` timed runs,
+  each of enough back-to-back calls to last ``min_time`` seconds, every run ended with
+  ``block_until_ready``; the median run is reported with the min and max (the spread);
+* the FLOPs of one call from XLA's own cost analysis (``compiled.cost_analysis()["flops"]``) and
+  the FLOP/s achieved at the median speed;
+* peak memory: the executable's live buffers from ``compiled.memory_analysis()`` (arguments +
+  outputs + temporaries - donated aliases) and, where the device reports it, its peak bytes in use;
+* the machine's own matmul FLOP/s (a large ``jnp.dot``, same timing method) in float32 and in the
+  chosen dtype, and each model's utilization of it.
+
+A train step is what the trainer runs: forward in train mode, softmax cross-entropy, backward,
+an optax update (adamw or sgd), with the state donated; BatchNorm models update ``batch_stats``.
+
+The random-patch-size benchmark (``--random_patch_steps N``) times N FlexiViT training steps whose
+patch size is drawn per step from ``np.random.default_rng((seed, step))`` as in training, split into
+compile and run time, in separate fresh processes that share a persistent compilation cache: the
+first process fills it, the second compiles nothing (its cache hits are counted and shown).
+
+Examples::
+
+    python -m flexvision.benchmark --models vit_small_patch16_224 --batch_size 32 --resolutions 224
+    python -m flexvision.benchmark --models 'flexivit_*' --patch_sizes 8,16,32 --json out.json
+    python -m flexvision.benchmark --random_patch_steps 20 --random_patch_model flexivit_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import flexvision
+from flexvision import registry
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FLEXIVIT_PATCH_SIZES = (8, 10, 12, 15, 16, 20, 24, 30, 40, 48)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and XLA analysis
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median of the timed runs and its spread (min, max)."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    calls_per_run: int
+    runs: int
+
+    def per_second(self, items_per_call: float) -> dict[str, float]:
+        """Throughput at the median run, with the slowest and fastest run as the range."""
+        return {"median": items_per_call / self.median_s,
+                "min": items_per_call / self.max_s,
+                "max": items_per_call / self.min_s}
+
+
+def time_calls(call: Callable[[], Any], *, warmup: int = 2, repeats: int = 5,
+               min_time: float = 0.2) -> Timing:
+    """Times ``call`` (which must return something to block on) after ``warmup`` calls.
+
+    Each of the ``repeats`` runs makes enough back-to-back calls to last about ``min_time``
+    seconds (the count is fixed from the warm-up) and ends with ``jax.block_until_ready``, so the
+    time covers the device work, not just the asynchronous dispatch.
+    """
+    if warmup < 1 or repeats < 1:
+        raise ValueError(f"warmup and repeats must be >= 1, got warmup={warmup}, repeats={repeats}")
+    start = time.perf_counter()
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    per_call = (time.perf_counter() - start) / warmup
+    calls = max(1, int(np.ceil(min_time / max(per_call, 1e-9))))
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        runs.append((time.perf_counter() - start) / calls)
+    return Timing(statistics.median(runs), min(runs), max(runs), calls, repeats)
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one execution according to XLA's cost analysis (None if the backend has none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per partition
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def memory_summary(compiled) -> dict[str, int | None]:
+    """The executable's buffer sizes from ``compiled.memory_analysis()``.
+
+    ``peak_bytes`` = arguments + outputs + temporaries - donated aliases: every buffer the
+    executable holds live at once in the worst case (XLA's own accounting of its allocations).
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        stats = None
+    if stats is None:
+        return {"peak_bytes": None}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    out = {name.replace("_size_in_bytes", "_bytes"): int(getattr(stats, name, 0) or 0)
+           for name in fields}
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                         - out["alias_bytes"])
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """The device allocator's peak bytes in use (GPU/TPU); None where it keeps no statistics."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+
+
+def compile_timed(jitted, *args) -> tuple[Any, dict[str, float]]:
+    """Lowers and compiles ``jitted`` for ``args``; returns the executable and the seconds spent."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return compiled, {"lower_s": traced - start, "xla_compile_s": done - traced,
+                      "compile_s": done - start}
+
+
+def matmul_flops_per_second(size: int = 2048, dtype=jnp.float32, *, warmup: int = 2,
+                            repeats: int = 5, min_time: float = 0.3) -> dict[str, Any]:
+    """The machine's matmul throughput: a (size, size) @ (size, size) ``jnp.dot`` timed as the
+    models are. The FLOP count is XLA's (equal to 2 * size**3)."""
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (size, size), dtype)
+    b = jax.random.normal(keys[1], (size, size), dtype)
+    compiled = jax.jit(jnp.dot).lower(a, b).compile()
+    flops = xla_flops(compiled) or 2.0 * size ** 3
+    timing = time_calls(lambda: compiled(a, b), warmup=warmup, repeats=repeats, min_time=min_time)
+    return {"size": size, "dtype": jnp.dtype(dtype).name, "flops": flops,
+            "flops_per_s": timing.per_second(flops), "seconds": dataclasses.asdict(timing)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def takes_patch_size(model) -> bool:
+    """Whether ``model.__call__`` accepts ``patch_size=`` (the flexible-patch ViT family)."""
+    try:
+        return "patch_size" in inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_resolution(text: str | int | Sequence[int]) -> tuple[int, int]:
+    """``224`` -> (224, 224); ``"160x256"`` -> (160, 256) as (height, width)."""
+    if isinstance(text, int):
+        return (text, text)
+    if not isinstance(text, str):
+        height, width = text
+        return (int(height), int(width))
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes, default=0) <= 0:
+        raise ValueError(f"resolution {text!r} is not understood: give one positive integer "
+                         f"(224) or HEIGHTxWIDTH (160x256)")
+    return (sizes[0], sizes[-1])
+
+
+def cross_entropy_loss(outputs, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; models with several heads (DeiT-distilled) average them."""
+    heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    losses = [optax.softmax_cross_entropy_with_integer_labels(h.astype(jnp.float32), labels).mean()
+              for h in heads]
+    return sum(losses) / len(losses)
+
+
+def make_optimizer(name: str, learning_rate: float = 1e-3) -> optax.GradientTransformation:
+    """The optimizers the trainer uses: adamw (with weight decay) or sgd with momentum."""
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=0.05)
+    if name == "sgd":
+        return optax.sgd(learning_rate, momentum=0.9)
+    raise ValueError(f"optimizer {name!r} is not supported: use 'adamw' or 'sgd'")
+
+
+@dataclasses.dataclass
+class Workload:
+    """One model and its variables, with the jittable inference and train-step functions."""
+
+    name: str
+    model: Any
+    variables: dict
+    patch_kwargs: dict
+    has_batch_stats: bool
+    optimizer: optax.GradientTransformation
+
+    def infer(self, variables, images):
+        return self.model.apply(variables, images, train=False, **self.patch_kwargs)
+
+    def init_train_state(self):
+        params = self.variables["params"]
+        extra = {k: v for k, v in self.variables.items() if k != "params"}
+        return {"params": params, "opt_state": self.optimizer.init(params), "extra": extra}
+
+    def train_step(self, state, images, labels, rng):
+        """Forward (train mode) + backward + optax update, as one jitted trainer step."""
+        mutable = ["batch_stats"] if self.has_batch_stats else False
+
+        def loss_fn(params):
+            variables = {"params": params, **state["extra"]}
+            out = self.model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                   mutable=mutable, **self.patch_kwargs)
+            logits, updates = out if mutable else (out, {})
+            return cross_entropy_loss(logits, labels), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        changes, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], changes)
+        extra = {**state["extra"], **updates}
+        return {"params": params, "opt_state": opt_state, "extra": extra}, loss
+
+
+def build_workload(name: str, *, resolution: tuple[int, int], patch_size: int | None,
+                   dtype: str, optimizer: str, overrides: dict | None = None,
+                   seed: int = 0) -> Workload:
+    """Creates registered model ``name`` and its float32 variables for one input size."""
+    model = flexvision.create_model(name, dtype=DTYPES[dtype], **(overrides or {}))
+    patch_kwargs = {}
+    if takes_patch_size(model) and patch_size is not None:
+        patch_kwargs = {"patch_size": int(patch_size)}
+    images = jnp.zeros((1, *resolution, 3), jnp.float32)
+    init = jax.jit(functools.partial(model.init, train=False, **patch_kwargs))
+    variables = _unbox(dict(init(jax.random.PRNGKey(seed), images)))
+    return Workload(name, model, variables, patch_kwargs, "batch_stats" in variables,
+                    make_optimizer(optimizer))
+
+
+def _unbox(tree):
+    """Strips flax's logical-partitioning boxes: the benchmark runs unsharded."""
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    return nn.meta.unbox(tree)
+
+
+def count_parameters(variables) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables.get("params", {}))))
+
+
+def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
+                     patch_size: int | None, dtype: str = "float32", optimizer: str = "adamw",
+                     overrides: dict | None = None, inference: bool = True, train: bool = True,
+                     warmup: int = 2, repeats: int = 5, min_time: float = 0.2,
+                     seed: int = 0) -> dict[str, Any]:
+    """Measures one (model, batch, resolution, patch size, dtype) configuration."""
+    work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
+                          optimizer=optimizer, overrides=overrides, seed=seed)
+    key = jax.random.PRNGKey(seed)
+    images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
+    labels = jax.random.randint(key, (batch_size,), 0, 2)
+    result: dict[str, Any] = {
+        "model": name, "family": registry.model_family(name), "batch_size": batch_size,
+        "resolution": list(resolution), "patch_size": work.patch_kwargs.get("patch_size"),
+        "dtype": dtype, "optimizer": optimizer, "overrides": overrides or {},
+        "parameters": count_parameters(work.variables), "has_batch_stats": work.has_batch_stats,
+    }
+    if inference:
+        compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images)
+        timing = time_calls(lambda: compiled(work.variables, images), warmup=warmup,
+                            repeats=repeats, min_time=min_time)
+        result["inference"] = _phase_report(compiled, seconds, timing, batch_size)
+    if train:
+        state = work.init_train_state()
+        step = jax.jit(work.train_step, donate_argnums=0)
+        compiled, seconds = compile_timed(step, state, images, labels, key)
+        holder = {"state": state}
+
+        def call():
+            holder["state"], loss = compiled(holder["state"], images, labels, key)
+            return loss
+
+        timing = time_calls(call, warmup=warmup, repeats=repeats, min_time=min_time)
+        result["train"] = _phase_report(compiled, seconds, timing, batch_size)
+    result["device_peak_bytes"] = device_peak_bytes()
+    return result
+
+
+def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int) -> dict[str, Any]:
+    flops = xla_flops(compiled)
+    report = {**seconds, "images_per_s": timing.per_second(batch_size),
+              "seconds_per_step": dataclasses.asdict(timing), "flops": flops,
+              "flops_per_s": timing.per_second(flops) if flops else None,
+              "memory": memory_summary(compiled)}
+    return report
+
+
+def add_utilization(result: dict, matmul: dict[str, dict]) -> None:
+    """Adds each phase's achieved FLOP/s as a fraction of the matmul FLOP/s in its dtype."""
+    reference = matmul.get(result["dtype"]) or matmul.get("float32")
+    for phase in ("inference", "train"):
+        report = result.get(phase)
+        if report and report["flops_per_s"] and reference:
+            report["utilization"] = (report["flops_per_s"]["median"]
+                                     / reference["flops_per_s"]["median"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Random patch size training
+
+
+def draw_patch_size(seed: int, step: int, patch_sizes: Sequence[int]) -> int:
+    """The step's patch size: uniform over ``patch_sizes`` from ``np.random.default_rng((seed,
+    step))``, so every host and every resumed run draws the same one (FlexiViT, Sec. 3.1)."""
+    return int(np.random.default_rng((seed, step)).choice(np.asarray(patch_sizes)))
+
+
+class CompileEvents:
+    """Counts JAX's persistent-cache events (hits, misses) while active."""
+
+    NAMES = {"/jax/compilation_cache/cache_hits": "cache_hits",
+             "/jax/compilation_cache/cache_misses": "cache_misses",
+             "/jax/compilation_cache/compile_requests_use_cache": "cache_requests"}
+
+    def __init__(self):
+        self.counts = {v: 0 for v in self.NAMES.values()}
+
+    def _listener(self, event: str, **_):
+        if event in self.NAMES:
+            self.counts[self.NAMES[event]] += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_listener(self._listener)
+
+
+def enable_persistent_cache(cache_dir: str) -> None:
+    """Every executable goes to (and comes from) ``cache_dir``, however fast or small."""
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def random_patch_run(name: str, *, steps: int, patch_sizes: Sequence[int], batch_size: int,
+                     resolution: tuple[int, int], dtype: str = "float32",
+                     optimizer: str = "adamw", overrides: dict | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """N training steps with the per-step patch size drawn as in training.
+
+    One executable per patch size, compiled when the size first comes up (``compile_s``: trace,
+    lowering and XLA compilation or persistent-cache retrieval); ``run_s`` is the time of the steps
+    themselves, each blocked on so that the split is exact.
+    """
+    work = build_workload(name, resolution=resolution, patch_size=patch_sizes[0], dtype=dtype,
+                          optimizer=optimizer, overrides=overrides, seed=seed)
+    if not work.patch_kwargs:
+        raise ValueError(f"{name} does not take patch_size=, so it cannot train with random patch "
+                         f"sizes: pick a flexible-patch model, e.g. "
+                         f"{registry.list_models('flexivit*')[:3]}")
+    key = jax.random.PRNGKey(seed)
+    images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
+    labels = jax.random.randint(key, (batch_size,), 0, 2)
+    state = work.init_train_state()
+    executables: dict[int, Any] = {}
+    compile_s = run_s = 0.0
+    drawn = []
+    start = time.perf_counter()
+    with CompileEvents() as events:
+        for step in range(steps):
+            size = draw_patch_size(seed, step, patch_sizes)
+            drawn.append(size)
+            if size not in executables:
+                sized = dataclasses.replace(work, patch_kwargs={"patch_size": size})
+                compiled, seconds = compile_timed(jax.jit(sized.train_step, donate_argnums=0),
+                                                  state, images, labels, key)
+                executables[size] = compiled
+                compile_s += seconds["compile_s"]
+            tick = time.perf_counter()
+            state, loss = executables[size](state, images, labels, key)
+            jax.block_until_ready(loss)
+            run_s += time.perf_counter() - tick
+    return {"model": name, "steps": steps, "patch_sizes": list(patch_sizes),
+            "drawn": drawn, "executables": len(executables), "compile_s": compile_s,
+            "run_s": run_s, "total_s": time.perf_counter() - start, **events.counts,
+            "final_loss": float(loss)}
+
+
+def random_patch_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs the random-patch benchmark ``args.random_patch_runs`` times, each in a fresh process
+    sharing one persistent compilation cache, as a restarted training job would."""
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flexvision_jax_cache_")
+    runs = []
+    for index in range(args.random_patch_runs):
+        command = [sys.executable, "-m", "flexvision.benchmark", "--_random_patch_worker",
+                   "--cache_dir", cache_dir, *_random_patch_argv(args)]
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, check=False,
+                              env={**os.environ, "PYTHONPATH": _pythonpath()})
+        if proc.returncode:
+            raise RuntimeError(f"random-patch run {index + 1} failed:\n{proc.stderr[-4000:]}")
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        report.update(run=index + 1, cache_dir=cache_dir,
+                      process_s=time.perf_counter() - start)
+        runs.append(report)
+    return runs
+
+
+def _random_patch_argv(args) -> list[str]:
+    argv = ["--random_patch_steps", str(args.random_patch_steps),
+            "--random_patch_model", args.random_patch_model,
+            "--random_patch_sizes", ",".join(str(p) for p in args.random_patch_sizes),
+            "--batch_size", str(args.batch_size), "--dtype", args.dtype,
+            "--optimizer", args.optimizer, "--seed", str(args.seed),
+            "--resolutions", "x".join(str(r) for r in args.random_patch_resolution)]
+    if args.import_modules:
+        argv += ["--import_modules", args.import_modules]
+    if args.overrides:
+        argv += ["--overrides", json.dumps(args.overrides)]
+    return argv
+
+
+def _pythonpath() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + existing if existing else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from err
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--overrides must be a JSON object, got {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--overrides must be a JSON object, got {text!r}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flexvision.benchmark", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--models", default="vit_small_patch16_224",
+        help="comma-separated registered names or shell patterns ('flexivit_*'); 'all' for every "
+             "registered model")
+    add("--batch_size", type=int, default=32)
+    add("--resolutions", default="224",
+        help="comma-separated sizes, each N or HEIGHTxWIDTH (e.g. 224,160x256)")
+    add("--patch_sizes", type=_int_list, default=None,
+        help="comma-separated patch sizes for models taking patch_size= (default: the model's own)")
+    add("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (params stay f32)")
+    add("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    add("--overrides", type=_json_dict, default=None,
+        help='JSON object of model constructor overrides, e.g. \'{"num_classes": 10}\'')
+    add("--no_inference", action="store_true", help="skip the inference measurement")
+    add("--no_train", action="store_true", help="skip the train-step measurement")
+    add("--warmup", type=int, default=2, help="untimed calls before timing")
+    add("--repeats", type=int, default=5, help="timed runs; the median is reported with min-max")
+    add("--min_time", type=float, default=0.5, help="seconds each timed run lasts at least")
+    add("--matmul_size", type=int, default=2048, help="side of the reference square matmul")
+    add("--seed", type=int, default=0)
+    add("--json", dest="json_path", default=None, help="write every result to this JSON file")
+    add("--random_patch_steps", type=int, default=0,
+        help="also run N training steps with a random patch size per step (FlexiViT training)")
+    add("--random_patch_model", default="flexivit_small")
+    add("--random_patch_sizes", type=_int_list, default=list(FLEXIVIT_PATCH_SIZES))
+    add("--random_patch_resolution", type=lambda t: parse_resolution(t), default=(240, 240))
+    add("--random_patch_runs", type=int, default=2,
+        help="fresh processes sharing the persistent compilation cache (2: cold, then warm)")
+    add("--cache_dir", default=None,
+        help="persistent compilation cache for the random-patch runs (default: a new temp dir)")
+    add("--import_modules", default="",
+        help="comma-separated modules to import first (they may register extra models)")
+    add("--_random_patch_worker", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_models(spec: str) -> list[str]:
+    """Registered names for a comma-separated list of names and shell patterns."""
+    if spec == "all":
+        return registry.list_models()
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if any(c in item for c in "*?["):
+            matched = registry.list_models(item)
+            if not matched:
+                raise ValueError(f"pattern {item!r} matches no registered model; "
+                                 f"flexvision.list_models() lists them")
+            names += matched
+        else:
+            registry.resolve(item)  # a clear ValueError for unknown names
+            names.append(item)
+    return list(dict.fromkeys(names))
+
+
+def environment() -> dict[str, Any]:
+    """What the figures depend on: the device, the software and how busy the machine is."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "load_average": load,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _fmt_rate(rate: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not rate:
+        return "-"
+    return (f"{rate['median'] / scale:.{digits}f} "
+            f"[{rate['min'] / scale:.{digits}f}-{rate['max'] / scale:.{digits}f}]")
+
+
+def format_table(results: list[dict], matmul: dict[str, dict]) -> str:
+    """A plain-text table: one row per configuration and phase."""
+    header = ("model", "res", "patch", "dtype", "phase", "compile s", "img/s median [min-max]",
+              "GFLOP/img", "GFLOP/s", "util", "peak MiB")
+    rows = [header]
+    for r in results:
+        for phase in ("inference", "train"):
+            p = r.get(phase)
+            if not p:
+                continue
+            gflop = p["flops"] / r["batch_size"] / 1e9 if p["flops"] else None
+            rows.append((
+                r["model"], "x".join(map(str, r["resolution"])), str(r["patch_size"] or "-"),
+                r["dtype"], phase, f"{p['compile_s']:.1f}", _fmt_rate(p["images_per_s"]),
+                f"{gflop:.4g}" if gflop is not None else "-",
+                f"{p['flops_per_s']['median'] / 1e9:.1f}" if p["flops_per_s"] else "-",
+                f"{100 * p['utilization']:.0f}%" if "utilization" in p else "-",
+                f"{p['memory']['peak_bytes'] / 2**20:.1f}" if p["memory"]["peak_bytes"] else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for dtype, m in matmul.items():
+        lines.append(f"matmul {m['size']}^2 {dtype}: "
+                     f"{_fmt_rate(m['flops_per_s'], 1e9)} GFLOP/s (median [min-max])")
+    return "\n".join(lines)
+
+
+def format_random_patch(runs: list[dict]) -> str:
+    lines = ["random patch size training: run  steps  executables  compile s  run s  total s  "
+             "cache hits/misses"]
+    for r in runs:
+        lines.append(f"  run {r['run']}: {r['steps']} steps, {r['executables']} executables, "
+                     f"compile {r['compile_s']:.2f} s, run {r['run_s']:.2f} s, total "
+                     f"{r['total_s']:.2f} s, cache hits {r['cache_hits']} / misses "
+                     f"{r['cache_misses']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark described by the command line; returns (and prints) the report."""
+    args = make_parser().parse_args(argv)
+    for module in filter(None, (m.strip() for m in args.import_modules.split(","))):
+        importlib.import_module(module)
+    resolutions = [parse_resolution(t) for t in args.resolutions.split(",") if t.strip()]
+    if args._random_patch_worker:  # pylint: disable=protected-access
+        enable_persistent_cache(args.cache_dir)
+        report = random_patch_run(
+            args.random_patch_model, steps=args.random_patch_steps,
+            patch_sizes=args.random_patch_sizes, batch_size=args.batch_size,
+            resolution=resolutions[0], dtype=args.dtype, optimizer=args.optimizer,
+            overrides=args.overrides, seed=args.seed)
+        print(json.dumps(report))
+        return report
+
+    report: dict[str, Any] = {"environment": environment(), "args": {
+        k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    matmul = {"float32": matmul_flops_per_second(args.matmul_size, jnp.float32)}
+    if args.dtype != "float32":
+        matmul[args.dtype] = matmul_flops_per_second(args.matmul_size, DTYPES[args.dtype])
+    results = []
+    names = resolve_models(args.models) if args.models else []
+    for name in names:
+        for resolution in resolutions:
+            for patch in (args.patch_sizes or [None]):
+                result = benchmark_config(
+                    name, batch_size=args.batch_size, resolution=resolution, patch_size=patch,
+                    dtype=args.dtype, optimizer=args.optimizer, overrides=args.overrides,
+                    inference=not args.no_inference, train=not args.no_train,
+                    warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
+                    seed=args.seed)
+                add_utilization(result, matmul)
+                results.append(result)
+                if result["patch_size"] is None:
+                    break  # the model ignores patch sizes: one configuration is enough
+    report.update(matmul=matmul, results=results)
+    if results or matmul:
+        print(format_table(results, matmul))
+    if args.random_patch_steps:
+        runs = random_patch_benchmark(args)
+        report["random_patch"] = runs
+        print(format_random_patch(runs))
+    report["environment"]["load_average_end"] = os.getloadavg()
+    report["environment"]["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=_json_default)
+        print(f"wrote {args.json_path}")
+    return report
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def run() -> None:
+    """Console-script entry point (``flexvision-benchmark``)."""
+    main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,126 @@
+"""The speed benchmark: FLOP counting, end-to-end runs with valid JSON, the persistent cache."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexvision import benchmark, registry
+import tests.benchmark_toy_models  # noqa: F401  (registers toy_flex_patch, toy_batchnorm)
+
+TOY = "tests.benchmark_toy_models"
+
+# Per family: the smallest registered model and overrides that keep a test compile fast.
+# Families on main that are missing here are benchmarked with their first model as registered.
+TINY = {
+    "benchmark_toy": ("toy_flex_patch", {}),
+}
+
+
+def _family_models() -> list[tuple[str, dict]]:
+    chosen = []
+    for family in sorted({registry.model_family(n) for n in registry.list_models()}):
+        name, overrides = TINY.get(family, (registry.list_models(family=family)[0], {}))
+        chosen.append((name, overrides))
+    return chosen
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 16, 32), (128, 256, 96), (7, 5, 3)])
+def test_cost_analysis_of_a_matmul_counts_2mnk_flops(m, n, k):
+    compiled = jax.jit(jnp.dot).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+    assert benchmark.xla_flops(compiled) == 2 * m * n * k
+
+
+def test_matmul_reference_reports_its_flops_and_a_positive_rate():
+    result = benchmark.matmul_flops_per_second(128, jnp.float32, repeats=2, min_time=0.01)
+    assert result["flops"] == 2 * 128 ** 3
+    rate = result["flops_per_s"]
+    assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+
+
+def _check_phase(phase: dict, batch_size: int) -> None:
+    for key in ("compile_s", "lower_s", "xla_compile_s", "flops", "utilization"):
+        assert isinstance(phase[key], float) and phase[key] > 0, key
+    images = phase["images_per_s"]
+    assert 0 < images["min"] <= images["median"] <= images["max"]
+    seconds = phase["seconds_per_step"]
+    np.testing.assert_allclose(images["median"], batch_size / seconds["median_s"])
+    np.testing.assert_allclose(phase["flops_per_s"]["median"], phase["flops"] / seconds["median_s"])
+    assert phase["memory"]["peak_bytes"] >= phase["memory"]["argument_bytes"] > 0
+
+
+def test_benchmark_runs_every_family_and_writes_valid_json(tmp_path, capsys):
+    chosen = _family_models() + [("toy_batchnorm", {})]
+    path = tmp_path / "bench.json"
+    for index, (name, overrides) in enumerate(chosen):
+        argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
+                "--resolutions", "32" if registry.model_family(name) == "benchmark_toy" else "64",
+                "--repeats", "2", "--warmup", "1", "--min_time", "0.01", "--matmul_size", "256",
+                "--optimizer", "sgd" if index % 2 else "adamw", "--json", str(path)]
+        if overrides:
+            argv += ["--overrides", json.dumps(overrides)]
+        benchmark.main(argv)
+        report = json.loads(path.read_text())
+        assert report["environment"]["backend"] == jax.default_backend()
+        assert len(report["environment"]["load_average"]) == 3
+        assert report["matmul"]["float32"]["flops"] == 2 * 256 ** 3
+        (result,) = report["results"]
+        assert result["model"] == name and result["family"] == registry.model_family(name)
+        assert result["parameters"] > 0
+        for phase in ("inference", "train"):
+            _check_phase(result[phase], batch_size=2)
+        # A train step (forward + backward + update) costs more than inference.
+        assert result["train"]["flops"] > result["inference"]["flops"]
+    table = capsys.readouterr().out
+    assert "img/s median [min-max]" in table and "matmul 256^2 float32" in table
+
+
+def test_patch_sizes_and_batch_stats_are_detected(tmp_path):
+    path = tmp_path / "bench.json"
+    benchmark.main(["--models", "toy_flex_patch,toy_batchnorm", "--patch_sizes", "4,8",
+                    "--batch_size", "2", "--resolutions", "16x24", "--repeats", "1",
+                    "--warmup", "1", "--min_time", "0.001", "--matmul_size", "64",
+                    "--no_train", "--json", str(path)])
+    results = json.loads(path.read_text())["results"]
+    configs = [(r["model"], r["patch_size"], r["has_batch_stats"]) for r in results]
+    # The BatchNorm model takes no patch size: one configuration, not one per patch size.
+    assert configs == [("toy_flex_patch", 4, False), ("toy_flex_patch", 8, False),
+                       ("toy_batchnorm", None, True)]
+    flops = {r["patch_size"]: r["inference"]["flops"] for r in results}
+    assert flops[4] > flops[8]  # a smaller patch means more tokens, more work
+
+
+def test_random_patch_sizes_follow_the_training_draw():
+    sizes = (8, 16, 32)
+    draws = [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
+    assert draws == [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
+    assert set(draws) == set(sizes)
+    assert draws[7] == int(np.random.default_rng((3, 7)).choice(sizes))
+
+
+def test_second_random_patch_run_compiles_nothing(tmp_path):
+    args = benchmark.make_parser().parse_args([
+        "--import_modules", TOY, "--random_patch_steps", "5", "--random_patch_model",
+        "toy_flex_patch", "--random_patch_sizes", "4,8", "--random_patch_resolution", "16",
+        "--batch_size", "2", "--optimizer", "sgd", "--cache_dir", str(tmp_path / "cache")])
+    first, second = benchmark.random_patch_benchmark(args)
+    assert first["drawn"] == second["drawn"] and first["executables"] == 2
+    assert first["cache_misses"] == first["executables"] and first["cache_hits"] == 0
+    assert second["cache_misses"] == 0 and second["cache_hits"] == second["executables"]
+    # Cache retrieval replaces XLA compilation: the warm run spends far less time compiling.
+    assert second["compile_s"] < first["compile_s"]
+    assert first["final_loss"] == pytest.approx(second["final_loss"], rel=1e-5)
+
+
+def test_bad_input_says_what_is_accepted():
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        benchmark.parse_resolution("224x")
+    with pytest.raises(ValueError, match="matches no registered model"):
+        benchmark.resolve_models("no_such_family_*")
+    with pytest.raises(ValueError, match="does not take patch_size"):
+        benchmark.random_patch_run("toy_batchnorm", steps=1, patch_sizes=(4,), batch_size=1,
+                                   resolution=(8, 8))
