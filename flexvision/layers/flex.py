@@ -1,0 +1,254 @@
+"""All resizing math of flexvision: resize matrices, PI-resize, position-embedding resampling,
+and the flexible patch embedding (FlexiViT, Beyer et al. 2023, arXiv 2212.08013).
+
+Every resize here is linear in its input, so it is a matrix. The matrices are built once per
+static shape in float64 NumPy (``functools.lru_cache``) and applied in the graph as one matmul.
+Two libraries' conventions are reproduced exactly, selected by ``method``:
+
+``"big_vision"``
+    PI-resize: ``tf.image.resize(..., "bilinear")`` (antialias=False): half-pixel centres,
+    two taps, indices clamped at the edges, no support scaling when downsampling.
+    Position embeddings: ``jax.image.resize(..., "linear")`` (antialias=True): triangle kernel,
+    support widened by 1/scale when downsampling, weights renormalised at the edges.
+``"timm"``
+    Both PI-resize and position embeddings: ``torch.nn.functional.interpolate(..., "bicubic",
+    antialias=True, align_corners=False)``: PIL's cubic kernel with a = -0.5, support widened by
+    1/scale when downsampling, taps outside the input dropped and the rest renormalised.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexvision.layers.common import CONV_AXES, param_init
+
+RESIZE_METHODS = ("big_vision", "timm")
+_KERNELS_1D = ("tf_bilinear", "jax_linear", "torch_bicubic_aa")
+
+
+def to_pair(value: int | Sequence[int], what: str = "size") -> tuple[int, int]:
+    """``7`` -> ``(7, 7)``; ``(7, 5)`` -> ``(7, 5)``; anything else is a ValueError."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif (isinstance(value, Sequence) and len(value) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return pair
+
+
+def _check_method(method: str) -> None:
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method {method!r} is unknown; accepted: {RESIZE_METHODS} "
+                         f"(which library's interpolation to reproduce)")
+
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys (1981) cubic convolution kernel with parameter ``a`` (PIL and torch-aa: a = -0.5)."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+@functools.lru_cache(maxsize=None)
+def resize_matrix_1d(in_size: int, out_size: int, kernel: str) -> np.ndarray:
+    """(out_size, in_size) float64 matrix M with ``resize(x) == M @ x`` along one axis.
+
+    kernel:
+      ``"tf_bilinear"``: TF's ResizeBilinear with half_pixel_centers (tf.image.resize bilinear,
+        no antialias): source coordinate s = (i + 0.5) * in/out - 0.5, taps floor(s) and ceil(s)
+        clamped to [0, in - 1], weights 1 - frac(s) and frac(s).
+      ``"jax_linear"``: jax.image.resize 'linear', antialias=True (jax/_src/image/scale.py,
+        compute_weight_mat): triangle kernel at |s - j| / max(in/out, 1), columns normalised to
+        sum 1, outputs whose s lies outside [-0.5, in - 0.5] set to zero.
+      ``"torch_bicubic_aa"``: torch's _upsample_bicubic2d_aa (UpSampleKernel.cpp,
+        _compute_indices_min_size_weights_aa): centre c = (i + 0.5) * in/out, support
+        2 * max(in/out, 1), weight of input j = cubic_{a=-0.5}((j + 0.5 - c) / max(in/out, 1))
+        for taps inside the input, normalised to sum 1.
+    """
+    if kernel not in _KERNELS_1D:
+        raise ValueError(f"unknown 1-D resize kernel {kernel!r}; accepted: {_KERNELS_1D}")
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
+    scale = in_size / out_size  # input pixels per output pixel
+    out_idx = np.arange(out_size, dtype=np.float64)[:, None]
+    in_idx = np.arange(in_size, dtype=np.float64)[None, :]
+    if kernel == "tf_bilinear":
+        source = (out_idx[:, 0] + 0.5) * scale - 0.5
+        lower_f = np.floor(source)
+        frac = source - lower_f
+        lower = np.clip(lower_f.astype(np.int64), 0, in_size - 1)
+        upper = np.clip(np.ceil(source).astype(np.int64), 0, in_size - 1)
+        matrix = np.zeros((out_size, in_size))
+        rows = np.arange(out_size)
+        np.add.at(matrix, (rows, lower), 1.0 - frac)
+        np.add.at(matrix, (rows, upper), frac)
+        return matrix
+    stretch = max(scale, 1.0)
+    if kernel == "jax_linear":
+        source = (out_idx + 0.5) * scale - 0.5
+        weights = _triangle((source - in_idx) / stretch)
+        total = weights.sum(axis=1, keepdims=True)
+        weights = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps,
+                           weights / np.where(total != 0, total, 1.0), 0.0)
+        inside = (source >= -0.5) & (source <= in_size - 0.5)
+        return np.where(inside, weights, 0.0)
+    centre = (out_idx + 0.5) * scale
+    weights = _keys_cubic((in_idx + 0.5 - centre) / stretch, a=-0.5)
+    total = weights.sum(axis=1, keepdims=True)
+    return np.where(total != 0, weights / np.where(total != 0, total, 1.0), 0.0)
+
+
+def _kernel_for(method: str, purpose: str) -> str:
+    _check_method(method)
+    if method == "timm":
+        return "torch_bicubic_aa"
+    return "tf_bilinear" if purpose == "patch" else "jax_linear"
+
+
+@functools.lru_cache(maxsize=None)
+def resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int], kernel: str) -> np.ndarray:
+    """(H'W', HW) float64 matrix B with ``vec(resize(x)) == B @ vec(x)`` (row-major vec).
+
+    The 2-D resizes of TF, JAX and torch are separable, so B = kron(M_h, M_w).
+    """
+    return np.kron(resize_matrix_1d(old_hw[0], new_hw[0], kernel),
+                   resize_matrix_1d(old_hw[1], new_hw[1], kernel))
+
+
+@functools.lru_cache(maxsize=None)
+def pi_resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int], method: str) -> np.ndarray:
+    """(P'^2, P^2) float64 matrix pinv(B^T) of FlexiViT's PI-resize (arXiv 2212.08013, eq. 6).
+
+    B is the resize matrix of ``method``'s patch interpolation from ``old_hw`` to ``new_hw``.
+    The resized kernel is ``w' = pinv(B^T) w``; when upsampling (B^T has full row rank),
+    ``<x, w> == <B x, w'>`` for every patch x.
+    """
+    old_hw, new_hw = to_pair(old_hw, "old patch size"), to_pair(new_hw, "new patch size")
+    if old_hw == new_hw:
+        return np.eye(old_hw[0] * old_hw[1])
+    resize = resize_matrix(old_hw, new_hw, _kernel_for(method, "patch"))
+    return np.linalg.pinv(resize.T)
+
+
+def pi_resize_kernel(kernel_hwio: jax.Array, new_hw: int | Sequence[int], method: str
+                     ) -> jax.Array:
+    """PI-resizes a (P_h, P_w, C_in, C_out) patch-embedding kernel to ``new_hw`` taps.
+
+    One matmul with the cached :func:`pi_resize_matrix`; differentiable in ``kernel_hwio``.
+    """
+    old_hw = tuple(int(s) for s in kernel_hwio.shape[:2])
+    new_hw = to_pair(new_hw, "patch size")
+    if old_hw == new_hw:
+        return kernel_hwio
+    matrix = jnp.asarray(pi_resize_matrix(old_hw, new_hw, method), jnp.float32)
+    flat = kernel_hwio.reshape(old_hw[0] * old_hw[1], -1)
+    resized = jnp.matmul(matrix.astype(flat.dtype), flat, precision=jax.lax.Precision.HIGHEST)
+    return resized.reshape(*new_hw, *kernel_hwio.shape[2:])
+
+
+@functools.lru_cache(maxsize=None)
+def posemb_resize_matrix(old_grid: tuple[int, int], new_grid: tuple[int, int], method: str
+                         ) -> np.ndarray:
+    """(h'w', hw) float64 matrix resampling a row-major position-embedding grid (``method``'s
+    posemb interpolation: timm bicubic-antialias, big_vision jax 'linear')."""
+    old_grid, new_grid = to_pair(old_grid, "posemb grid"), to_pair(new_grid, "token grid")
+    if old_grid == new_grid:
+        return np.eye(old_grid[0] * old_grid[1])
+    return resize_matrix(old_grid, new_grid, _kernel_for(method, "posemb"))
+
+
+def resample_posemb(posemb: jax.Array, old_grid: int | Sequence[int],
+                    new_grid: int | Sequence[int], num_prefix: int, method: str) -> jax.Array:
+    """Resamples a (1, num_prefix + h*w, D) position embedding to a (h', w') grid.
+
+    The first ``num_prefix`` entries (cls / dist / register tokens) are kept as they are; the
+    grid entries are resampled with ``method``'s interpolation (timm resample_abs_pos_embed,
+    big_vision flexi get_posemb). Returns (1, num_prefix + h'*w', D).
+    """
+    old_grid, new_grid = to_pair(old_grid, "posemb grid"), to_pair(new_grid, "token grid")
+    expected = num_prefix + old_grid[0] * old_grid[1]
+    if posemb.ndim != 3 or posemb.shape[1] != expected:
+        raise ValueError(f"position embedding of shape {tuple(posemb.shape)} does not fit a "
+                         f"{old_grid[0]}x{old_grid[1]} grid with {num_prefix} prefix entries: "
+                         f"expected (batch, {expected}, width)")
+    if old_grid == new_grid:
+        return posemb
+    prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
+    matrix = jnp.asarray(posemb_resize_matrix(old_grid, new_grid, method), jnp.float32)
+    grid = jnp.einsum("nm,bmd->bnd", matrix.astype(grid.dtype), grid,
+                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([prefix, grid], axis=1)
+
+
+def check_patchable(image_hw: Sequence[int], patch_hw: tuple[int, int]) -> tuple[int, int]:
+    """The token grid (H / P_h, W / P_w); ValueError unless the patch size tiles the image.
+
+    flexvision neither crops nor pads: an image the patch does not tile is an error that names
+    the patch sizes that would tile it.
+    """
+    height, width = int(image_hw[0]), int(image_hw[1])
+    if height < patch_hw[0] or width < patch_hw[1]:
+        raise ValueError(f"image of {height}x{width} pixels is smaller than one "
+                         f"{patch_hw[0]}x{patch_hw[1]} patch; use a larger image or a patch size "
+                         f"of at most {height}x{width}")
+    if height % patch_hw[0] or width % patch_hw[1]:
+        common = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
+        raise ValueError(f"patch size {patch_hw[0]}x{patch_hw[1]} does not tile a {height}x{width} "
+                         f"image; square patch sizes that tile it: {common}. Resize or crop the "
+                         f"image to a multiple of the patch size (flexvision does not pad)")
+    return height // patch_hw[0], width // patch_hw[1]
+
+
+class FlexiPatchEmbed(nn.Module):
+    """Patch embedding whose patch size is chosen per call (FlexiViT, arXiv 2212.08013, Sec. 3.4).
+
+    Stores ONE (P_h, P_w, C_in, width) kernel at the base ``patch_size``; a call with another
+    (static) patch size PI-resizes it with ``resize``'s interpolation (:func:`pi_resize_kernel`)
+    and embeds non-overlapping patches. Returns the (B, H/P'_h, W/P'_w, width) token map.
+    """
+
+    width: int
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    resize: str = "timm"
+    use_bias: bool = True
+    dtype: jax.typing.DTypeLike | None = None
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, images: jax.Array, patch_size: int | Sequence[int] | None = None
+                 ) -> jax.Array:
+        base = to_pair(self.patch_size, "base patch_size")
+        patch = base if patch_size is None else to_pair(patch_size, "patch_size")
+        if images.ndim != 4 or images.shape[-1] != self.in_chans:
+            raise ValueError(f"images must be NHWC with {self.in_chans} channels, i.e. shape "
+                             f"(batch, height, width, {self.in_chans}); got shape "
+                             f"{tuple(images.shape)}")
+        check_patchable(images.shape[1:3], patch)
+        kernel = self.param("kernel", param_init(self.kernel_init, CONV_AXES),
+                            (*base, self.in_chans, self.width), jnp.float32)
+        kernel = pi_resize_kernel(kernel, patch, self.resize)
+        dtype = self.dtype or jnp.float32
+        tokens = jax.lax.conv_general_dilated(
+            images.astype(dtype), kernel.astype(dtype), window_strides=patch, padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            bias = self.param("bias", param_init(nn.initializers.zeros, ("conv_out",)),
+                              (self.width,), jnp.float32)
+            tokens = tokens + bias.astype(dtype)
+        return tokens
