@@ -105,6 +105,29 @@ def time_calls(call: Callable[[], Any], *, warmup: int = 2, repeats: int = 5,
     return Timing(statistics.median(runs), min(runs), max(runs), calls, repeats)
 
 
+def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 5,
+                     min_time: float = 0.2) -> list[Timing]:
+    """Times several calls in alternation (run 1 of each, run 2 of each, ...), so that a change
+    in machine load between runs hits every call alike; for comparisons of a few percent."""
+    per_call = []
+    for call in calls:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            jax.block_until_ready(call())
+        per_call.append((time.perf_counter() - start) / warmup)
+    counts = [max(1, int(np.ceil(min_time / max(t, 1e-9)))) for t in per_call]
+    runs: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for index, (call, count) in enumerate(zip(calls, counts)):
+            start = time.perf_counter()
+            out = None
+            for _ in range(count):
+                out = call()
+            jax.block_until_ready(out)
+            runs[index].append((time.perf_counter() - start) / count)
+    return [Timing(statistics.median(r), min(r), max(r), c, repeats) for r, c in zip(runs, counts)]
+
+
 def xla_flops(compiled) -> float | None:
     """FLOPs of one execution according to XLA's cost analysis (None if the backend has none)."""
     analysis = compiled.cost_analysis()
@@ -316,6 +339,40 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
     return result
 
 
+def flexi_overhead(name: str, *, batch_size: int, resolution: tuple[int, int], patch_size: int,
+                   dtype: str = "float32", overrides: dict | None = None, warmup: int = 2,
+                   repeats: int = 7, min_time: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """Cost of a flexible-patch forward at ``patch_size`` over the same model built natively at
+    that patch size (kernel stored at P x P, position grid at the token grid: no PI-resize, no
+    posemb resampling, which is also what caching the resized parameters for inference gives).
+
+    Both are timed interleaved; the FLOP overhead comes from XLA's cost analysis (noise-free).
+    """
+    flexible = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
+                              optimizer="sgd", overrides=overrides, seed=seed)
+    if not flexible.patch_kwargs:
+        raise ValueError(f"{name} does not take patch_size=: the comparison needs a flexible-patch "
+                         f"model, e.g. {registry.list_models('flexivit*')[:3]}")
+    grid = (resolution[0] // patch_size, resolution[1] // patch_size)
+    native_overrides = {**(overrides or {}), "patch_size": (patch_size, patch_size),
+                        "posemb_grid": grid}
+    native = build_workload(name, resolution=resolution, patch_size=None, dtype=dtype,
+                            optimizer="sgd", overrides=native_overrides, seed=seed)
+    images = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, *resolution, 3))
+    compiled = [jax.jit(w.infer).lower(w.variables, images).compile() for w in (flexible, native)]
+    calls = [functools.partial(c, w.variables, images) for c, w in zip(compiled, (flexible, native))]
+    flex_time, native_time = time_interleaved(calls, warmup=warmup, repeats=repeats,
+                                              min_time=min_time)
+    flops = [xla_flops(c) for c in compiled]
+    return {"model": name, "patch_size": patch_size, "resolution": list(resolution),
+            "batch_size": batch_size, "dtype": dtype, "native_overrides": native_overrides,
+            "flexible_images_per_s": flex_time.per_second(batch_size),
+            "native_images_per_s": native_time.per_second(batch_size),
+            "time_overhead": flex_time.median_s / native_time.median_s - 1.0,
+            "flexible_flops": flops[0], "native_flops": flops[1],
+            "flop_overhead": flops[0] / flops[1] - 1.0 if all(flops) else None}
+
+
 def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int) -> dict[str, Any]:
     flops = xla_flops(compiled)
     report = {**seconds, "images_per_s": timing.per_second(batch_size),
@@ -504,6 +561,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--matmul_size", type=int, default=2048, help="side of the reference square matmul")
     add("--seed", type=int, default=0)
     add("--json", dest="json_path", default=None, help="write every result to this JSON file")
+    add("--compare_native", action="store_true",
+        help="for flexible-patch models at each --patch_sizes P, also time the same model built "
+             "natively at P (no PI-resize) interleaved with it, and report the overhead")
     add("--random_patch_steps", type=int, default=0,
         help="also run N training steps with a random patch size per step (FlexiViT training)")
     add("--random_patch_model", default="flexivit_small")
@@ -585,6 +645,13 @@ def format_table(results: list[dict], matmul: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_overhead(c: dict) -> str:
+    return (f"{c['model']} at patch {c['patch_size']} vs native /{c['patch_size']}: "
+            f"{_fmt_rate(c['flexible_images_per_s'])} vs {_fmt_rate(c['native_images_per_s'])} "
+            f"img/s, time overhead {100 * c['time_overhead']:+.2f}%, FLOP overhead "
+            f"{100 * (c['flop_overhead'] or 0):+.3f}%")
+
+
 def format_random_patch(runs: list[dict]) -> str:
     lines = ["random patch size training: run  steps  executables  compile s  run s  total s  "
              "cache hits/misses"]
@@ -628,13 +695,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     inference=not args.no_inference, train=not args.no_train,
                     warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
                     seed=args.seed)
-                add_utilization(result, matmul)
                 results.append(result)
                 if result["patch_size"] is None:
                     break  # the model ignores patch sizes: one configuration is enough
+    # The machine is measured again after the models; the faster of the two measurements is the
+    # reference, so that a busy moment at the start cannot inflate the models' utilization.
+    for dtype, first in list(matmul.items()):
+        again = matmul_flops_per_second(args.matmul_size, DTYPES[dtype])
+        first["repeat_flops_per_s"] = again["flops_per_s"]
+        if again["flops_per_s"]["median"] > first["flops_per_s"]["median"]:
+            first["first_flops_per_s"], first["flops_per_s"] = first["flops_per_s"], again["flops_per_s"]
+    for result in results:
+        add_utilization(result, matmul)
     report.update(matmul=matmul, results=results)
     if results or matmul:
         print(format_table(results, matmul))
+    if args.compare_native:
+        comparisons = []
+        for result in results:
+            if result["patch_size"] is not None:
+                comparisons.append(flexi_overhead(
+                    result["model"], batch_size=args.batch_size,
+                    resolution=tuple(result["resolution"]), patch_size=result["patch_size"],
+                    dtype=args.dtype, overrides=args.overrides, warmup=args.warmup,
+                    repeats=max(args.repeats, 5), min_time=args.min_time, seed=args.seed))
+                print(format_overhead(comparisons[-1]))
+        report["flexi_overhead"] = comparisons
     if args.random_patch_steps:
         runs = random_patch_benchmark(args)
         report["random_patch"] = runs

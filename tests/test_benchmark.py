@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import runpy
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,11 @@ TOY = "tests.benchmark_toy_models"
 # Families on main that are missing here are benchmarked with their first model as registered.
 TINY = {
     "benchmark_toy": ("toy_flex_patch", {}),
+    "vit": ("vit_micro", {"depth": 1}),
 }
+# Extra configurations with another code path: DeiT's train mode returns two heads.
+EXTRA = [("toy_batchnorm", {}),
+         ("deit_tiny_distilled_patch16_224", {"depth": 1, "width": 48, "num_heads": 2})]
 
 
 def _family_models() -> list[tuple[str, dict]]:
@@ -54,7 +60,7 @@ def _check_phase(phase: dict, batch_size: int) -> None:
 
 
 def test_benchmark_runs_every_family_and_writes_valid_json(tmp_path, capsys):
-    chosen = _family_models() + [("toy_batchnorm", {})]
+    chosen = _family_models() + [e for e in EXTRA if e[0] in registry.list_models()]
     path = tmp_path / "bench.json"
     for index, (name, overrides) in enumerate(chosen):
         argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
@@ -124,3 +130,37 @@ def test_bad_input_says_what_is_accepted():
     with pytest.raises(ValueError, match="does not take patch_size"):
         benchmark.random_patch_run("toy_batchnorm", steps=1, patch_sizes=(4,), batch_size=1,
                                    resolution=(8, 8))
+
+
+def test_flexible_patch_overhead_against_a_native_model():
+    c = benchmark.flexi_overhead("flexivit_micro", batch_size=2, resolution=(48, 48),
+                                 patch_size=12, overrides={"depth": 1}, repeats=2, warmup=1,
+                                 min_time=0.01)
+    assert c["native_overrides"]["depth"] == 1
+    assert c["native_overrides"]["patch_size"] == (12, 12)
+    assert c["native_overrides"]["posemb_grid"] == (4, 4)
+    # PI-resizing the kernel and resampling the posemb are the only extra work.
+    assert 0 < c["flop_overhead"] < 0.5
+    for key in ("flexible_images_per_s", "native_images_per_s"):
+        assert 0 < c[key]["min"] <= c[key]["median"] <= c[key]["max"]
+
+
+def test_speed_accuracy_curve_writes_png_json_and_table(tmp_path):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "final_eval.json").write_text(json.dumps({"accuracy": {"8": 0.9, "16": 0.8}}))
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "speed_accuracy.py"
+    speed_accuracy = runpy.run_path(str(script))
+    out = speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
+                                  "--overrides", '{"depth": 1}', "--resolution", "48", "--batch_size", "2", "--repeats", "2",
+                                  "--min_time", "0.01", "--outdir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "speed_accuracy.json").read_text())["rows"]
+    assert [(r["patch_size"], r["accuracy"], r["tokens"]) for r in rows] == [(8, 0.9, 36),
+                                                                             (16, 0.8, 9)]
+    assert rows[0]["gflops_per_image"] > rows[1]["gflops_per_image"]
+    assert (tmp_path / "out" / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 16 | 9 |" in (tmp_path / "out" / "speed_accuracy.md").read_text()
+    assert out["paths"]["png"].endswith("speed_accuracy.png")
+    with pytest.raises(ValueError, match="do not tile"):
+        speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
+                                "--resolution", "40", "--outdir", str(tmp_path / "bad")])
