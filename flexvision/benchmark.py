@@ -31,13 +31,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import importlib
 import inspect
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -192,6 +196,100 @@ def matmul_flops_per_second(size: int = 2048, dtype=jnp.float32, *, warmup: int 
             "flops_per_s": timing.per_second(flops), "seconds": dataclasses.asdict(timing)}
 
 
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_HLO_OP_NAME = re.compile(r"op_name=\"([^\"]+)\"")
+_HLO_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_HLO_MATMUL = re.compile(r" (?:dot|convolution)\(")
+
+
+def hlo_instructions(compiled) -> dict[str, dict[str, Any]]:
+    """Instruction name -> {'op_name': the JAX op that produced it (HLO metadata), 'matmul':
+    whether it is or fuses a dot/convolution} in the optimized HLO of ``compiled``: the names
+    the profiler's per-instruction events carry."""
+    computation_has_matmul: dict[str, bool] = {}
+    lines, current = [], None
+    for line in compiled.as_text().splitlines():
+        header = _HLO_COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            computation_has_matmul[current] = False
+            continue
+        instruction = _HLO_INSTRUCTION.match(line)
+        if instruction and current is not None:
+            if _HLO_MATMUL.search(line):
+                computation_has_matmul[current] = True
+            lines.append(line)
+    table = {}
+    for line in lines:
+        name = _HLO_INSTRUCTION.match(line).group(1)
+        op_name = _HLO_OP_NAME.search(line)
+        called = _HLO_CALLS.findall(line)
+        table[name] = {"op_name": op_name.group(1) if op_name else name,
+                       "matmul": bool(_HLO_MATMUL.search(line))
+                       or any(computation_has_matmul.get(c, False) for c in called)}
+    return table
+
+
+def op_kind(entry: dict[str, Any]) -> str:
+    """Coarse class of an instruction: 'matmul' (dot/conv, fused or not), else the primitive that
+    names it (its fusion's root op: 'mul', 'reduce_sum', 'transpose', ...)."""
+    if entry["matmul"]:
+        return "matmul"
+    return entry["op_name"].rstrip("/").split("/")[-1].split("[")[0] or "other"
+
+
+def profile_calls(compiled, call: Callable[[], Any], *, calls: int = 3,
+                  logdir: str | None = None, top: int = 12) -> dict[str, Any]:
+    """Runs ``call`` ``calls`` times under ``jax.profiler`` and sums the device time of each HLO
+    instruction (the events XLA's runtime records, e.g. one per fusion), per call.
+
+    Returns the instructions that took longest with their JAX op names, and the time per kind of
+    op ('matmul' for dot_general/conv fusions, else the primitive that names the fusion): what
+    bounds a model's speed, read off the executable that was timed.
+    """
+    logdir = logdir or tempfile.mkdtemp(prefix="flexvision_profile_")
+    jax.block_until_ready(call())
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(call())
+    traces = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True),
+                    key=os.path.getmtime)
+    if not traces:
+        return {"logdir": logdir, "error": "the profiler wrote no trace"}
+    with gzip.open(traces[-1], "rt", encoding="utf-8") as f:
+        events = json.load(f).get("traceEvents", [])
+    names = hlo_instructions(compiled)
+    per_instruction: dict[str, float] = collections.defaultdict(float)
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in names:
+            per_instruction[event["name"]] += event.get("dur", 0) / 1e6 / calls
+    total = sum(per_instruction.values())
+    per_kind: dict[str, float] = collections.defaultdict(float)
+    for instruction, seconds in per_instruction.items():
+        per_kind[op_kind(names[instruction])] += seconds
+    ranked = sorted(per_instruction.items(), key=lambda item: -item[1])
+    return {"logdir": logdir, "instruction_seconds_per_call": total,
+            "by_kind": {k: {"seconds": v, "fraction": v / total if total else 0.0}
+                        for k, v in sorted(per_kind.items(), key=lambda item: -item[1])},
+            "top": [{"instruction": i, "op_name": names[i]["op_name"], "seconds": t,
+                     "kind": op_kind(names[i]),
+                     "fraction": t / total if total else 0.0} for i, t in ranked[:top]]}
+
+
+def format_profile(title: str, profile: dict) -> str:
+    if "error" in profile:
+        return f"profile {title}: {profile['error']}"
+    lines = [f"profile {title}: {1e3 * profile['instruction_seconds_per_call']:.1f} ms of HLO "
+             f"instructions per call (trace in {profile['logdir']})",
+             "  by kind: " + ", ".join(f"{k} {100 * v['fraction']:.0f}%"
+                                       for k, v in list(profile["by_kind"].items())[:8])]
+    for entry in profile["top"]:
+        lines.append(f"  {1e3 * entry['seconds']:8.2f} ms {100 * entry['fraction']:5.1f}%  "
+                     f"{entry['kind']:<10} {entry['op_name'][-80:]}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 
@@ -305,8 +403,9 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
                      patch_size: int | None, dtype: str = "float32", optimizer: str = "adamw",
                      overrides: dict | None = None, inference: bool = True, train: bool = True,
                      warmup: int = 2, repeats: int = 5, min_time: float = 0.2,
-                     seed: int = 0) -> dict[str, Any]:
-    """Measures one (model, batch, resolution, patch size, dtype) configuration."""
+                     seed: int = 0, profile: bool = False) -> dict[str, Any]:
+    """Measures one (model, batch, resolution, patch size, dtype) configuration; with
+    ``profile`` also the per-instruction time breakdown of each phase (:func:`profile_calls`)."""
     work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
                           optimizer=optimizer, overrides=overrides, seed=seed)
     key = jax.random.PRNGKey(seed)
@@ -323,6 +422,9 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         timing = time_calls(lambda: compiled(work.variables, images), warmup=warmup,
                             repeats=repeats, min_time=min_time)
         result["inference"] = _phase_report(compiled, seconds, timing, batch_size)
+        if profile:
+            result["inference"]["profile"] = profile_calls(
+                compiled, lambda: compiled(work.variables, images))
     if train:
         state = work.init_train_state()
         step = jax.jit(work.train_step, donate_argnums=0)
@@ -335,6 +437,8 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
 
         timing = time_calls(call, warmup=warmup, repeats=repeats, min_time=min_time)
         result["train"] = _phase_report(compiled, seconds, timing, batch_size)
+        if profile:
+            result["train"]["profile"] = profile_calls(compiled, call)
     result["device_peak_bytes"] = device_peak_bytes()
     return result
 
@@ -561,6 +665,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--matmul_size", type=int, default=2048, help="side of the reference square matmul")
     add("--seed", type=int, default=0)
     add("--json", dest="json_path", default=None, help="write every result to this JSON file")
+    add("--profile", action="store_true",
+        help="also trace each phase with jax.profiler and print where the time goes per HLO "
+             "instruction and per kind of op (matmul vs the rest)")
     add("--compare_native", action="store_true",
         help="for flexible-patch models at each --patch_sizes P, also time the same model built "
              "natively at P (no PI-resize) interleaved with it, and report the overhead")
@@ -694,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     dtype=args.dtype, optimizer=args.optimizer, overrides=args.overrides,
                     inference=not args.no_inference, train=not args.no_train,
                     warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
-                    seed=args.seed)
+                    seed=args.seed, profile=args.profile)
                 results.append(result)
                 if result["patch_size"] is None:
                     break  # the model ignores patch sizes: one configuration is enough
@@ -710,6 +817,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report.update(matmul=matmul, results=results)
     if results or matmul:
         print(format_table(results, matmul))
+    for result in results:
+        for phase in ("inference", "train"):
+            if result.get(phase, {}).get("profile"):
+                title = (f"{result['model']} {phase} {'x'.join(map(str, result['resolution']))}"
+                         f" patch {result['patch_size']}")
+                print(format_profile(title, result[phase]["profile"]))
     if args.compare_native:
         comparisons = []
         for result in results:

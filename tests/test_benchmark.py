@@ -164,3 +164,15 @@ def test_speed_accuracy_curve_writes_png_json_and_table(tmp_path):
     with pytest.raises(ValueError, match="do not tile"):
         speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
                                 "--resolution", "40", "--outdir", str(tmp_path / "bad")])
+
+
+def test_profile_attributes_time_to_hlo_instructions_and_matmuls(tmp_path):
+    result = benchmark.benchmark_config("toy_batchnorm", batch_size=2, resolution=(16, 16),
+                                        patch_size=None, train=False, repeats=1, warmup=1,
+                                        min_time=0.001, profile=True)
+    profile = result["inference"]["profile"]
+    assert profile["instruction_seconds_per_call"] > 0
+    assert "matmul" in profile["by_kind"]  # the conv and the head's dot
+    assert sum(k["fraction"] for k in profile["by_kind"].values()) == pytest.approx(1.0)
+    kinds = {e["op_name"].split("/")[-1]: e["kind"] for e in profile["top"]}
+    assert any(kind == "matmul" for kind in kinds.values())
