@@ -196,6 +196,7 @@ def matmul_flops_per_second(size: int = 2048, dtype=jnp.float32, *, warmup: int 
             "flops_per_s": timing.per_second(flops), "seconds": dataclasses.asdict(timing)}
 
 
+_REPEATED_BLOCK = re.compile(r"_\d+(?=/)")  # blocks_7/ -> blocks_*/ (same layer, every block)
 _HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
 _HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _HLO_OP_NAME = re.compile(r"op_name=\"([^\"]+)\"")
@@ -268,13 +269,27 @@ def profile_calls(compiled, call: Callable[[], Any], *, calls: int = 3,
     per_kind: dict[str, float] = collections.defaultdict(float)
     for instruction, seconds in per_instruction.items():
         per_kind[op_kind(names[instruction])] += seconds
+    per_layer: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for instruction, seconds in per_instruction.items():
+        per_layer[(op_kind(names[instruction]),
+                   _REPEATED_BLOCK.sub("_*", names[instruction]["op_name"]))] += seconds
     ranked = sorted(per_instruction.items(), key=lambda item: -item[1])
     return {"logdir": logdir, "instruction_seconds_per_call": total,
             "by_kind": {k: {"seconds": v, "fraction": v / total if total else 0.0}
                         for k, v in sorted(per_kind.items(), key=lambda item: -item[1])},
+            "by_op_summed_over_blocks": [
+                {"kind": kind, "op_name": op, "seconds": t, "fraction": t / total if total else 0.0}
+                for (kind, op), t in sorted(per_layer.items(), key=lambda item: -item[1])[:top]],
             "top": [{"instruction": i, "op_name": names[i]["op_name"], "seconds": t,
                      "kind": op_kind(names[i]),
                      "fraction": t / total if total else 0.0} for i, t in ranked[:top]]}
+
+
+def _short_op(op_name: str) -> str:
+    """An op path without the repeated wrapper names linen adds (jit(...)/Module/Module._method)."""
+    parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose("))
+             and "._" not in p]
+    return "/".join(parts)[-90:]
 
 
 def format_profile(title: str, profile: dict) -> str:
@@ -284,9 +299,14 @@ def format_profile(title: str, profile: dict) -> str:
              f"instructions per call (trace in {profile['logdir']})",
              "  by kind: " + ", ".join(f"{k} {100 * v['fraction']:.0f}%"
                                        for k, v in list(profile["by_kind"].items())[:8])]
-    for entry in profile["top"]:
+    lines.append("  ops summed over repeated blocks (blocks_* = every block):")
+    for entry in profile["by_op_summed_over_blocks"]:
         lines.append(f"  {1e3 * entry['seconds']:8.2f} ms {100 * entry['fraction']:5.1f}%  "
-                     f"{entry['kind']:<10} {entry['op_name'][-80:]}")
+                     f"{entry['kind']:<10} {_short_op(entry['op_name'])}")
+    lines.append("  longest single instructions:")
+    for entry in profile["top"][:5]:
+        lines.append(f"  {1e3 * entry['seconds']:8.2f} ms {100 * entry['fraction']:5.1f}%  "
+                     f"{entry['kind']:<10} {_short_op(entry['op_name'])}")
     return "\n".join(lines)
 
 
