@@ -771,6 +771,8 @@ def format_table(results: list[dict], matmul: dict[str, dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if not results:
+        lines = []
     for dtype, m in matmul.items():
         lines.append(f"matmul {m['size']}^2 {dtype}: "
                      f"{_fmt_rate(m['flops_per_s'], 1e9)} GFLOP/s (median [min-max])")
