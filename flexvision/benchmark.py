@@ -182,6 +182,15 @@ def compile_timed(jitted, *args) -> tuple[Any, dict[str, float]]:
                       "compile_s": done - start}
 
 
+def matmul_reference(size: int = 2048, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+    """A compiled (size, size) @ (size, size) ``jnp.dot`` as a call, and its XLA FLOP count."""
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (size, size), dtype)
+    b = jax.random.normal(keys[1], (size, size), dtype)
+    compiled = jax.jit(jnp.dot).lower(a, b).compile()
+    return (lambda: compiled(a, b)), (xla_flops(compiled) or 2.0 * size ** 3)
+
+
 def matmul_flops_per_second(size: int = 2048, dtype=jnp.float32, *, warmup: int = 2,
                             repeats: int = 5, min_time: float = 0.3) -> dict[str, Any]:
     """The machine's matmul throughput: a (size, size) @ (size, size) ``jnp.dot`` timed as the
@@ -423,9 +432,14 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
                      patch_size: int | None, dtype: str = "float32", optimizer: str = "adamw",
                      overrides: dict | None = None, inference: bool = True, train: bool = True,
                      warmup: int = 2, repeats: int = 5, min_time: float = 0.2,
-                     seed: int = 0, profile: bool = False) -> dict[str, Any]:
+                     seed: int = 0, profile: bool = False,
+                     reference: tuple[Callable[[], Any], float] | None = None) -> dict[str, Any]:
     """Measures one (model, batch, resolution, patch size, dtype) configuration; with
-    ``profile`` also the per-instruction time breakdown of each phase (:func:`profile_calls`)."""
+    ``profile`` also the per-instruction time breakdown of each phase (:func:`profile_calls`).
+
+    With ``reference`` (a matmul call and its FLOPs, :func:`matmul_reference`) each phase is
+    timed interleaved with the matmul, so that ``utilization_interleaved`` compares the two under
+    the same machine load (the honest figure on a shared machine)."""
     work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
                           optimizer=optimizer, overrides=overrides, seed=seed)
     key = jax.random.PRNGKey(seed)
@@ -439,9 +453,10 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
     }
     if inference:
         compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images)
-        timing = time_calls(lambda: compiled(work.variables, images), warmup=warmup,
-                            repeats=repeats, min_time=min_time)
-        result["inference"] = _phase_report(compiled, seconds, timing, batch_size)
+        timing, ref_timing = _timed(lambda: compiled(work.variables, images), reference,
+                                    warmup=warmup, repeats=repeats, min_time=min_time)
+        result["inference"] = _phase_report(compiled, seconds, timing, batch_size, reference,
+                                            ref_timing)
         if profile:
             result["inference"]["profile"] = profile_calls(
                 compiled, lambda: compiled(work.variables, images))
@@ -455,8 +470,10 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
             holder["state"], loss = compiled(holder["state"], images, labels, key)
             return loss
 
-        timing = time_calls(call, warmup=warmup, repeats=repeats, min_time=min_time)
-        result["train"] = _phase_report(compiled, seconds, timing, batch_size)
+        timing, ref_timing = _timed(call, reference, warmup=warmup, repeats=repeats,
+                                    min_time=min_time)
+        result["train"] = _phase_report(compiled, seconds, timing, batch_size, reference,
+                                        ref_timing)
         if profile:
             result["train"]["profile"] = profile_calls(compiled, call)
     result["device_peak_bytes"] = device_peak_bytes()
@@ -497,12 +514,24 @@ def flexi_overhead(name: str, *, batch_size: int, resolution: tuple[int, int], p
             "flop_overhead": flops[0] / flops[1] - 1.0 if all(flops) else None}
 
 
-def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int) -> dict[str, Any]:
+def _timed(call, reference, **kwargs) -> tuple[Timing, Timing | None]:
+    if reference is None:
+        return time_calls(call, **kwargs), None
+    model_timing, reference_timing = time_interleaved([call, reference[0]], **kwargs)
+    return model_timing, reference_timing
+
+
+def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int,
+                  reference=None, reference_timing: Timing | None = None) -> dict[str, Any]:
     flops = xla_flops(compiled)
     report = {**seconds, "images_per_s": timing.per_second(batch_size),
               "seconds_per_step": dataclasses.asdict(timing), "flops": flops,
               "flops_per_s": timing.per_second(flops) if flops else None,
               "memory": memory_summary(compiled)}
+    if reference_timing is not None and flops:
+        report["reference_matmul_flops_per_s"] = reference_timing.per_second(reference[1])
+        report["utilization_interleaved"] = (report["flops_per_s"]["median"]
+                                             / report["reference_matmul_flops_per_s"]["median"])
     return report
 
 
@@ -753,7 +782,7 @@ def _fmt_rate(rate: dict | None, scale: float = 1.0, digits: int = 1) -> str:
 def format_table(results: list[dict], matmul: dict[str, dict]) -> str:
     """A plain-text table: one row per configuration and phase."""
     header = ("model", "res", "patch", "dtype", "phase", "compile s", "img/s median [min-max]",
-              "GFLOP/img", "GFLOP/s", "util", "peak MiB")
+              "GFLOP/img", "GFLOP/s", "util", "util (interleaved)", "peak MiB")
     rows = [header]
     for r in results:
         for phase in ("inference", "train"):
@@ -767,6 +796,8 @@ def format_table(results: list[dict], matmul: dict[str, dict]) -> str:
                 f"{gflop:.4g}" if gflop is not None else "-",
                 f"{p['flops_per_s']['median'] / 1e9:.1f}" if p["flops_per_s"] else "-",
                 f"{100 * p['utilization']:.0f}%" if "utilization" in p else "-",
+                f"{100 * p['utilization_interleaved']:.0f}%" if "utilization_interleaved" in p
+                else "-",
                 f"{p['memory']['peak_bytes'] / 2**20:.1f}" if p["memory"]["peak_bytes"] else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -821,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         matmul[args.dtype] = matmul_flops_per_second(args.matmul_size, DTYPES[args.dtype])
     results = []
     names = resolve_models(args.models) if args.models else []
+    reference = matmul_reference(args.matmul_size, DTYPES[args.dtype]) if names else None
     for name in names:
         for resolution in resolutions:
             for patch in (args.patch_sizes or [None]):
@@ -829,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     dtype=args.dtype, optimizer=args.optimizer, overrides=args.overrides,
                     inference=not args.no_inference, train=not args.no_train,
                     warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
-                    seed=args.seed, profile=args.profile)
+                    seed=args.seed, profile=args.profile, reference=reference)
                 results.append(result)
                 if result["patch_size"] is None:
                     break  # the model ignores patch sizes: one configuration is enough

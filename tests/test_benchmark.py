@@ -49,13 +49,16 @@ def test_matmul_reference_reports_its_flops_and_a_positive_rate():
 
 
 def _check_phase(phase: dict, batch_size: int) -> None:
-    for key in ("compile_s", "lower_s", "xla_compile_s", "flops", "utilization"):
+    for key in ("compile_s", "lower_s", "xla_compile_s", "flops", "utilization",
+                "utilization_interleaved"):
         assert isinstance(phase[key], float) and phase[key] > 0, key
     images = phase["images_per_s"]
     assert 0 < images["min"] <= images["median"] <= images["max"]
     seconds = phase["seconds_per_step"]
     np.testing.assert_allclose(images["median"], batch_size / seconds["median_s"])
     np.testing.assert_allclose(phase["flops_per_s"]["median"], phase["flops"] / seconds["median_s"])
+    np.testing.assert_allclose(phase["utilization_interleaved"], phase["flops_per_s"]["median"]
+                               / phase["reference_matmul_flops_per_s"]["median"])
     assert phase["memory"]["peak_bytes"] >= phase["memory"]["argument_bytes"] > 0
 
 
