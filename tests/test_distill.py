@@ -52,11 +52,11 @@ def test_teacher_receives_no_updates_and_student_learns():
     images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     labels = jax.nn.one_hot(jnp.arange(4) % 4, 4)
     teacher_model = micro("vit_micro", patch_size=(4, 4), posemb_grid=(4, 4))
-    teacher_vars meta.unbox(= teacher_model.init(jax.random.key(1), images, train=False))
+    teacher_vars = meta.unbox(teacher_model.init(jax.random.key(1), images, train=False))
     teacher_before = jax.tree_util.tree_map(np.array, teacher_vars)
     teacher = distill.Teacher(teacher_model, teacher_vars, resolution=24)
     student = micro("flexivit_micro", patch_size=(8, 8), posemb_grid=(2, 2))
-    params meta.unbox(= student.init(jax.random.key(2), images, train=False))["params"]
+    params = meta.unbox(student.init(jax.random.key(2), images, train=False))["params"]
     tx = optax.adam(1e-2)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     step = jax.jit(make_train_step(student, tx, distill.make_distill_loss(1.0), seed=0,
@@ -78,11 +78,11 @@ def test_teacher_receives_no_updates_and_student_learns():
 def test_student_from_teacher_with_other_patch_size_reproduces_teacher():
     images = jax.random.normal(jax.random.key(3), (2, 24, 24, 3))
     teacher_model = micro("vit_micro", patch_size=(4, 4), posemb_grid=(6, 6))
-    teacher_vars meta.unbox(= teacher_model.init(jax.random.key(4), images, train=False))
+    teacher_vars = meta.unbox(teacher_model.init(jax.random.key(4), images, train=False))
     teacher = distill.Teacher(teacher_model, teacher_vars)
     for resize in ("timm", "big_vision"):
         student = micro("flexivit_micro", patch_size=(8, 8), posemb_grid=(6, 6), resize=resize)
-        params meta.unbox(= student.init(jax.random.key(5), images, train=False))["params"]
+        params = meta.unbox(student.init(jax.random.key(5), images, train=False))["params"]
         assert params["patch_embed"]["kernel"].shape[:2] == (8, 8)
         params = distill.init_student_from_teacher(student, params, teacher,
                                                    teacher_vars["params"], image_size=24)
@@ -95,10 +95,10 @@ def test_student_from_teacher_with_other_patch_size_reproduces_teacher():
 def test_student_posemb_resampled_from_larger_teacher_grid():
     images = jax.random.normal(jax.random.key(6), (2, 24, 24, 3))
     teacher_model = micro("vit_micro", patch_size=(4, 4), posemb_grid=(6, 6))
-    teacher_vars meta.unbox(= teacher_model.init(jax.random.key(7), images, train=False))
+    teacher_vars = meta.unbox(teacher_model.init(jax.random.key(7), images, train=False))
     teacher = distill.Teacher(teacher_model, teacher_vars)
     student = micro("flexivit_micro", patch_size=(8, 8), posemb_grid=(3, 3))
-    params meta.unbox(= student.init(jax.random.key(8), images, train=False))["params"]
+    params = meta.unbox(student.init(jax.random.key(8), images, train=False))["params"]
     new = distill.init_student_from_teacher(student, params, teacher, teacher_vars["params"], 24)
     assert new["pos_embed"].shape == params["pos_embed"].shape
     jax.tree_util.tree_map(np.testing.assert_array_equal, new["blocks_0"],

@@ -207,6 +207,42 @@ def _stored_for(resize_matrix: np.ndarray, target: jax.Array) -> jax.Array:
                       ).reshape(solve.shape[0], *target.shape[1:])
 
 
+def _has_prefix_posemb(model) -> bool:
+    return bool(getattr(model, "posemb_prefix", False)) and model.num_prefix_tokens > 0
+
+
+def _prefix_entry(model, prefix_posemb: jax.Array, key: str) -> jax.Array:
+    """The position-embedding rows of the prefix token table ``key`` (cls, dist, registers)."""
+    start = 0
+    for name, count in (("cls_token", int(model.class_token)),
+                        ("dist_token", int(model.dist_token)),
+                        ("reg_token", model.num_reg_tokens)):
+        if key.endswith(f"['{name}']"):
+            return prefix_posemb[:, start:start + count]
+        start += count
+    return jnp.zeros((), prefix_posemb.dtype)
+
+
+def _student_posemb(posemb: jax.Array, teacher_model, student, token_grid) -> jax.Array:
+    """The student's stored posemb whose resampling to ``token_grid`` gives the teacher's posemb
+    at that grid (least squares where the student's grid is smaller). Prefix entries the
+    student has no room for are folded into its prefix tokens by the caller."""
+    teacher_prefix = teacher_model.num_prefix_tokens if _has_prefix_posemb(teacher_model) else 0
+    student_prefix = student.num_prefix_tokens if _has_prefix_posemb(student) else 0
+    grid = posemb[:, teacher_prefix:]
+    side = int(round(grid.shape[1] ** 0.5))
+    if side * side != grid.shape[1]:
+        raise ValueError(f"teacher position embedding of shape {posemb.shape} is not a square "
+                         f"grid after {teacher_prefix} prefix entries")
+    grid = flex.resample_posemb(grid, (side, side), token_grid, 0, student.resize)
+    student_grid = flex.to_pair(student.posemb_grid)
+    matrix = flex.posemb_resize_matrix(student_grid, token_grid, student.resize)
+    stored = jnp.moveaxis(_stored_for(matrix, jnp.moveaxis(grid, 1, 0)), 0, 1)
+    if student_prefix and student_prefix != teacher_prefix:
+        return posemb[:, :0]  # shapes cannot match: the student keeps its own init
+    return jnp.concatenate([posemb[:, :student_prefix], stored], axis=1)
+
+
 def init_student_from_teacher(student: nn.Module, student_params: Any, teacher: Teacher,
                               teacher_params: Any, image_size: int) -> Any:
     """Student params with every same-named teacher parameter copied in.
@@ -223,9 +259,11 @@ def init_student_from_teacher(student: nn.Module, student_params: Any, teacher: 
     teacher_patch = flex.to_pair(teacher.patch_size or teacher.model.patch_size)
     student_base = flex.to_pair(student.patch_size)
     token_grid = (image_size // teacher_patch[0], image_size // teacher_patch[1])
-    student_grid = flex.to_pair(student.posemb_grid)
     teacher_flat = {jax.tree_util.keystr(p): v for p, v in
                     jax.tree_util.tree_leaves_with_path(teacher_params)}
+    teacher_prefix_posemb = None
+    if _has_prefix_posemb(teacher.model) and "['pos_embed']" in teacher_flat:
+        teacher_prefix_posemb = teacher_flat["['pos_embed']"][:, :teacher.model.num_prefix_tokens]
     copied = []
 
     def pick(path, value):
@@ -237,16 +275,11 @@ def init_student_from_teacher(student: nn.Module, student_params: Any, teacher: 
             matrix = flex.pi_resize_matrix(student_base, tuple(source.shape[:2]), student.resize)
             source = _stored_for(matrix, source.reshape(-1, *source.shape[2:])
                                  ).reshape(value.shape)
-        elif key.endswith("['pos_embed']") and source.shape != value.shape:
-            prefix = value.shape[1] - student_grid[0] * student_grid[1]
-            teacher_grid = source.shape[1] - prefix
-            if teacher_grid != token_grid[0] * token_grid[1]:
-                side = int(round(teacher_grid ** 0.5))
-                source = flex.resample_posemb(source, (side, side), token_grid, prefix,
-                                              student.resize)
-            matrix = flex.posemb_resize_matrix(student_grid, token_grid, student.resize)
-            grid = _stored_for(matrix, jnp.moveaxis(source[:, prefix:], 1, 0))
-            source = jnp.concatenate([source[:, :prefix], jnp.moveaxis(grid, 0, 1)], axis=1)
+        elif key.endswith("['pos_embed']"):
+            source = _student_posemb(source, teacher.model, student, token_grid)
+        elif key.endswith("_token']") and teacher_prefix_posemb is not None and (
+                not _has_prefix_posemb(student)):
+            source = source + _prefix_entry(teacher.model, teacher_prefix_posemb, key)
         if source.shape != value.shape:
             return value
         copied.append(key)
