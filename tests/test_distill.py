@@ -106,3 +106,58 @@ def test_student_posemb_resampled_from_larger_teacher_grid():
     np.testing.assert_array_equal(new["head"]["kernel"], teacher_vars["params"]["head"]["kernel"])
     logits = student.apply({"params": new}, images, patch_size=8)
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_distill_mode_end_to_end(tmp_path):
+    """config.distill selects the mode: a tiny ViT/4 teacher trained by the trainer, then a
+    FlexiViT (base patch 8) student initialised from it. With lr 0 the student stays at its
+    init, so at the teacher's patch size it agrees with the teacher everywhere (KL ~ 0)."""
+    import ml_collections
+
+    from flexvision.data import digits
+    from flexvision.train.trainer import train_and_evaluate
+
+    data_dir = str(tmp_path / "tfds")
+    digits.prepare(data_dir)
+    tiny = {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+            "patch_size": (4, 4), "posemb_grid": (4, 4)}
+
+    def config_for(model_name, **updates):
+        import importlib.util
+        import os
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "flexivit_digits.py")
+        spec = importlib.util.spec_from_file_location("_flexivit_digits_cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        config.model.name = model_name
+        config.model.kwargs = ml_collections.ConfigDict(tiny)
+        config.input.data_dir = data_dir
+        config.input.pp = "decode|resize(18)|random_crop(16)|value_range(-1, 1)|onehot(10)"
+        config.input.batch_size = 16
+        config.eval.pp = "decode|resize(16)|value_range(-1, 1)|onehot(10)"
+        config.eval.batch_size = 200
+        config.total_steps, config.schedule.warmup_steps, config.log_every = 3, 1, 1
+        config.compilation_cache_dir = str(tmp_path / "cache")
+        for key, value in updates.items():
+            setattr(config, key, value)
+        return config
+
+    teacher_dir = str(tmp_path / "teacher")
+    teacher_config = config_for("vit_micro", flexi=None)
+    teacher_config.eval.patch_sizes = ()
+    train_and_evaluate(teacher_config, teacher_dir)
+
+    student_config = config_for("flexivit_micro", lr=0.0)
+    student_config.model.kwargs.patch_size = (8, 8)
+    student_config.flexi.patch_sizes = (4, 8)
+    student_config.eval.patch_sizes = (4, 8)
+    student_config.distill = ml_collections.ConfigDict(
+        {"teacher": {"source": "workdir", "workdir": teacher_dir, "resolution": 16},
+         "temperature": 1.0, "label_weight": 0.0, "init_from_teacher": True})
+    final = train_and_evaluate(student_config, str(tmp_path / "student"))
+    assert final["agreement"]["4"] == 1.0
+    assert final["kl"]["4"] < 1e-6
+    assert final["accuracy"]["4"] == final["teacher_accuracy"]
+    assert 0.0 <= final["agreement"]["8"] <= 1.0 and final["kl"]["8"] >= 0.0
