@@ -24,12 +24,15 @@ Config keys (shared by every config in configs/):
                        grad_clip_norm}: see flexvision/train/optim.py.
   total_steps, log_every, checkpoint_every, keep_checkpoints.
   eval.{pp, splits, patch_sizes, resolutions, batch_size, every}: flexvision/train/evaluator.py.
-  mesh                 [(axis name, size)], default [("data", -1)] (data parallel).
-  sharding             ConfigDict handed to flexvision.train.sharding.tree_shardings.
+  mesh                 ((axis name, size), ...), default (("data", -1),) (data parallel);
+                       e.g. --config.mesh="(('data', -1), ('fsdp', 2))" (docs/sharding.md).
+  sharding             rules and parameter tactics (sharding.default_config(); docs/sharding.md).
   compilation_cache_dir   JAX persistent compilation cache (default ~/.cache/flexvision/...).
 """
 
 import ml_collections
+
+from flexvision.train import sharding
 
 PATCH_SIZES = (4, 6, 8, 12, 16, 24)
 
@@ -80,7 +83,7 @@ def get_config(arg=None):
     config.eval.batch_size = 128
     config.eval.every = 0
 
-    config.mesh = [("data", -1)]
-    config.sharding = ml_collections.ConfigDict()
+    config.mesh = (("data", -1),)
+    config.sharding = sharding.default_config()
     config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config

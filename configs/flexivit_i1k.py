@@ -18,6 +18,8 @@ patch-size baseline configs/vit_i1k.py.
 
 import ml_collections
 
+from flexvision.train import sharding
+
 PATCH_SIZES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 TRAIN_EXAMPLES = 1_281_167
 
@@ -85,7 +87,7 @@ def get_config(arg=None):
     config.eval.batch_size = 1024
     config.eval.every = 5000
 
-    config.mesh = [("data", -1)]
-    config.sharding = ml_collections.ConfigDict()
+    config.mesh = (("data", -1),)
+    config.sharding = sharding.default_config()
     config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config

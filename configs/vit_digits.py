@@ -12,6 +12,8 @@ Config keys: see configs/flexivit_digits.py.
 
 import ml_collections
 
+from flexvision.train import sharding
+
 PATCH_SIZES = (4, 6, 8, 12, 16, 24)
 
 
@@ -59,7 +61,7 @@ def get_config(arg=None):
     config.eval.batch_size = 128
     config.eval.every = 0
 
-    config.mesh = [("data", -1)]
-    config.sharding = ml_collections.ConfigDict()
+    config.mesh = (("data", -1),)
+    config.sharding = sharding.default_config()
     config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config

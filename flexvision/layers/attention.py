@@ -28,7 +28,37 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     dtype = q.dtype
     if bias is not None:
         bias = bias.astype(dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale).astype(dtype)
+    if jax.default_backend() == "gpu":  # the fused cuDNN kernel where there is one
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale
+                                            ).astype(dtype)
+    return heads_major_attention(q, k, v, bias=bias, mask=mask, scale=scale).astype(dtype)
+
+
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None,
+                          scale: float | None = None) -> jax.Array:
+    """The math of ``jax.nn.dot_product_attention``'s XLA path (Vaswani et al. 2017, eq. 1:
+    logits in float32, bias added, masked entries set to -0.7 * float32 max, float32 softmax),
+    with both contractions as plain (batch, heads)-batched matmuls and one final transpose.
+
+    jax.nn's XLA path vmaps over a query-group axis and contracts probs with v straight into the
+    (B, T, heads, head_dim) layout; XLA's CPU backend runs that contraction ~2.3x slower than this
+    form (ViT-S/16 attention at batch 32: 67 ms vs 29 ms per block, measured interleaved with
+    flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` keeps jax.nn for
+    its fused kernel.
+    """
+    head_dim = q.shape[-1]
+    scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else scale
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(scale, logits_dtype)
+    if bias is not None:
+        logits = (logits + bias).astype(logits_dtype)
+    if mask is not None:
+        large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+        logits = jnp.where(mask, logits, jnp.asarray(large_negative, logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.einsum("bnts,bsnh->bnth", probs, v).transpose(0, 2, 1, 3)
 
 
 class MultiHeadSelfAttention(nn.Module):

@@ -2,8 +2,9 @@ r"""Command line: ``python -m flexvision.train --config configs/NAME.py[:arg] --
 
 Overrides: ``--config.total_steps=300 --config.input.batch_size=32``. Rerunning the same
 command on the same workdir resumes from its latest checkpoint. Multi-host: start one process
-per host with the same flags; ``jax.distributed.initialize()`` is called when JAX's cluster
-environment variables are present (or with ``--distributed``).
+per host with the same flags; :func:`flexvision.train.distributed.initialize` connects them
+from ``config.distributed``, the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+environment variables, or an auto-detected cluster (TPU pod, SLURM, Open MPI); docs/sharding.md.
 """
 
 from __future__ import annotations
@@ -16,26 +17,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file "
                                           "(optionally :arg).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def maybe_initialize_distributed(force: bool = False) -> None:
-    """jax.distributed.initialize() for multi-host runs (auto-detected cluster or ``force``)."""
-    import os
-
-    import jax
-
-    cluster_env = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                   "OMPI_COMM_WORLD_SIZE")
-    if force or any(os.environ.get(k) for k in cluster_env):
-        try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as err:
-            if force:
-                raise
-            print(f"not initialising jax.distributed ({err}); running single-process",
-                  file=sys.stderr)
 
 
 def main(argv) -> None:
@@ -43,7 +25,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter off the console
-    maybe_initialize_distributed(_DISTRIBUTED.value)
+    from flexvision.train import distributed
+
+    distributed.initialize(config=_CONFIG.value)
     from flexvision.train.trainer import Preempted, train_and_evaluate
 
     try:

@@ -170,9 +170,15 @@ def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None,
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config)
     _save_config(config, workdir)
-    seed, total_steps = int(config.seed), int(config.total_steps)
 
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
+    with sharding.activation_rules(mesh, config.get("sharding")):
+        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn)
+
+
+def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn) -> dict:
+    """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
+    seed, total_steps = int(config.seed), int(config.total_steps)
     model = build_model(config)
     tx, schedule = optim.make_optimizer(config)
     loss_fn = loss_fn or make_loss(config)

@@ -1,0 +1,200 @@
+"""The speed benchmark: FLOP counting, end-to-end runs with valid JSON, the persistent cache."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexvision import benchmark, registry
+import tests.benchmark_toy_models  # noqa: F401  (registers toy_flex_patch, toy_batchnorm)
+
+TOY = "tests.benchmark_toy_models"
+
+# Per family: the smallest registered model and overrides that keep a test compile fast.
+# Families on main that are missing here are benchmarked with their first model as registered.
+TINY = {
+    "benchmark_toy": ("toy_flex_patch", {}),
+    "vit": ("vit_micro", {"depth": 1}),
+}
+# Extra configurations with another code path: DeiT's train mode returns two heads.
+EXTRA = [("toy_batchnorm", {}),
+         ("deit_tiny_distilled_patch16_224", {"depth": 1, "width": 48, "num_heads": 2})]
+
+
+def _family_models() -> list[tuple[str, dict]]:
+    chosen = []
+    for family in sorted({registry.model_family(n) for n in registry.list_models()}):
+        name, overrides = TINY.get(family, (registry.list_models(family=family)[0], {}))
+        chosen.append((name, overrides))
+    return chosen
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 16, 32), (128, 256, 96), (7, 5, 3)])
+def test_cost_analysis_of_a_matmul_counts_2mnk_flops(m, n, k):
+    compiled = jax.jit(jnp.dot).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+    assert benchmark.xla_flops(compiled) == 2 * m * n * k
+
+
+def test_matmul_reference_reports_its_flops_and_a_positive_rate():
+    result = benchmark.matmul_flops_per_second(128, jnp.float32, repeats=2, min_time=0.01)
+    assert result["flops"] == 2 * 128 ** 3
+    rate = result["flops_per_s"]
+    assert 0 < rate["min"] <= rate["median"] <= rate["max"]
+
+
+def _check_phase(phase: dict, batch_size: int) -> None:
+    for key in ("compile_s", "lower_s", "xla_compile_s", "flops", "utilization",
+                "utilization_interleaved"):
+        assert isinstance(phase[key], float) and phase[key] > 0, key
+    images = phase["images_per_s"]
+    assert 0 < images["min"] <= images["median"] <= images["max"]
+    seconds = phase["seconds_per_step"]
+    np.testing.assert_allclose(images["median"], batch_size / seconds["median_s"])
+    np.testing.assert_allclose(phase["flops_per_s"]["median"], phase["flops"] / seconds["median_s"])
+    np.testing.assert_allclose(phase["utilization_interleaved"], phase["flops_per_s"]["median"]
+                               / phase["reference_matmul_flops_per_s"]["median"])
+    assert phase["memory"]["peak_bytes"] >= phase["memory"]["argument_bytes"] > 0
+
+
+def test_benchmark_runs_every_family_and_writes_valid_json(tmp_path, capsys):
+    chosen = _family_models() + [e for e in EXTRA if e[0] in registry.list_models()]
+    path = tmp_path / "bench.json"
+    for index, (name, overrides) in enumerate(chosen):
+        argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
+                "--resolutions", "32" if registry.model_family(name) == "benchmark_toy" else "64",
+                "--repeats", "2", "--warmup", "1", "--min_time", "0.01", "--matmul_size", "256",
+                "--optimizer", "sgd" if index % 2 else "adamw", "--json", str(path)]
+        if overrides:
+            argv += ["--overrides", json.dumps(overrides)]
+        benchmark.main(argv)
+        report = json.loads(path.read_text())
+        assert report["environment"]["backend"] == jax.default_backend()
+        assert len(report["environment"]["load_average"]) == 3
+        assert report["matmul"]["float32"]["flops"] == 2 * 256 ** 3
+        (result,) = report["results"]
+        assert result["model"] == name and result["family"] == registry.model_family(name)
+        assert result["parameters"] > 0
+        for phase in ("inference", "train"):
+            _check_phase(result[phase], batch_size=2)
+        # A train step (forward + backward + update) costs more than inference.
+        assert result["train"]["flops"] > result["inference"]["flops"]
+    table = capsys.readouterr().out
+    assert "img/s median [min-max]" in table and "matmul 256^2 float32" in table
+
+
+def test_patch_sizes_and_batch_stats_are_detected(tmp_path):
+    path = tmp_path / "bench.json"
+    benchmark.main(["--models", "toy_flex_patch,toy_batchnorm", "--patch_sizes", "4,8",
+                    "--batch_size", "2", "--resolutions", "16x24", "--repeats", "1",
+                    "--warmup", "1", "--min_time", "0.001", "--matmul_size", "64",
+                    "--no_train", "--json", str(path)])
+    results = json.loads(path.read_text())["results"]
+    configs = [(r["model"], r["patch_size"], r["has_batch_stats"]) for r in results]
+    # The BatchNorm model takes no patch size: one configuration, not one per patch size.
+    assert configs == [("toy_flex_patch", 4, False), ("toy_flex_patch", 8, False),
+                       ("toy_batchnorm", None, True)]
+    flops = {r["patch_size"]: r["inference"]["flops"] for r in results}
+    assert flops[4] > flops[8]  # a smaller patch means more tokens, more work
+
+
+def test_random_patch_sizes_follow_the_training_draw():
+    sizes = (8, 16, 32)
+    draws = [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
+    assert draws == [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
+    assert set(draws) == set(sizes)
+    assert draws[7] == int(np.random.default_rng((3, 7)).choice(sizes))
+
+
+def test_second_random_patch_run_compiles_nothing(tmp_path):
+    args = benchmark.make_parser().parse_args([
+        "--import_modules", TOY, "--random_patch_steps", "5", "--random_patch_model",
+        "toy_flex_patch", "--random_patch_sizes", "4,8", "--random_patch_resolution", "16",
+        "--batch_size", "2", "--optimizer", "sgd", "--cache_dir", str(tmp_path / "cache")])
+    first, second = benchmark.random_patch_benchmark(args)
+    assert first["drawn"] == second["drawn"] and first["executables"] == 2
+    assert first["cache_misses"] == first["executables"] and first["cache_hits"] == 0
+    assert second["cache_misses"] == 0 and second["cache_hits"] == second["executables"]
+    # Cache retrieval replaces XLA compilation: the warm run spends far less time compiling.
+    assert second["xla_compile_or_cache_load_s"] < first["xla_compile_or_cache_load_s"]
+    for run in (first, second):
+        assert run["compile_s"] == pytest.approx(run["lower_s"] + run["xla_compile_or_cache_load_s"])
+    assert first["final_loss"] == pytest.approx(second["final_loss"], rel=1e-5)
+
+
+def test_bad_input_says_what_is_accepted():
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        benchmark.parse_resolution("224x")
+    with pytest.raises(ValueError, match="matches no registered model"):
+        benchmark.resolve_models("no_such_family_*")
+    with pytest.raises(ValueError, match="does not take patch_size"):
+        benchmark.random_patch_run("toy_batchnorm", steps=1, patch_sizes=(4,), batch_size=1,
+                                   resolution=(8, 8))
+
+
+def test_flexible_patch_overhead_against_a_native_model():
+    c = benchmark.flexi_overhead("flexivit_micro", batch_size=2, resolution=(48, 48),
+                                 patch_size=12, overrides={"depth": 1}, repeats=2, warmup=1,
+                                 min_time=0.01)
+    assert c["native_overrides"]["depth"] == 1
+    assert c["native_overrides"]["patch_size"] == (12, 12)
+    assert c["native_overrides"]["posemb_grid"] == (4, 4)
+    # PI-resizing the kernel and resampling the posemb are the only extra work.
+    assert 0 < c["flop_overhead"] < 0.5
+    for key in ("flexible_images_per_s", "native_images_per_s"):
+        assert 0 < c[key]["min"] <= c[key]["median"] <= c[key]["max"]
+
+
+def test_speed_accuracy_curve_writes_png_json_and_table(tmp_path):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "final_eval.json").write_text(json.dumps({"accuracy": {"8": 0.9, "16": 0.8}}))
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "speed_accuracy.py"
+    speed_accuracy = runpy.run_path(str(script))
+    out = speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
+                                  "--overrides", '{"depth": 1}', "--resolution", "48", "--batch_size", "2", "--repeats", "2",
+                                  "--min_time", "0.01", "--outdir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "speed_accuracy.json").read_text())["rows"]
+    assert [(r["patch_size"], r["accuracy"], r["tokens"]) for r in rows] == [(8, 0.9, 36),
+                                                                             (16, 0.8, 9)]
+    assert rows[0]["gflops_per_image"] > rows[1]["gflops_per_image"]
+    assert (tmp_path / "out" / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 16 | 9 |" in (tmp_path / "out" / "speed_accuracy.md").read_text()
+    assert out["paths"]["png"].endswith("speed_accuracy.png")
+    with pytest.raises(ValueError, match="do not tile"):
+        speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
+                                "--resolution", "40", "--outdir", str(tmp_path / "bad")])
+
+
+def test_profile_attributes_time_to_hlo_instructions_and_matmuls(tmp_path):
+    result = benchmark.benchmark_config("toy_batchnorm", batch_size=2, resolution=(16, 16),
+                                        patch_size=None, train=False, repeats=1, warmup=1,
+                                        min_time=0.001, profile=True)
+    profile = result["inference"]["profile"]
+    assert profile["instruction_seconds_per_call"] > 0
+    assert "matmul" in profile["by_kind"]  # the conv and the head's dot
+    assert sum(k["fraction"] for k in profile["by_kind"].values()) == pytest.approx(1.0)
+    kinds = {e["op_name"].split("/")[-1]: e["kind"] for e in profile["top"]}
+    assert any(kind == "matmul" for kind in kinds.values())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_major_attention_equals_jax_nn(dtype):
+    from flexvision.layers.attention import heads_major_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 8), dtype) for key in keys[:3])
+    bias = jax.random.normal(keys[3], (1, 3, 7, 7), dtype)
+    mask = jax.random.bernoulli(keys[4], 0.7, (2, 1, 7, 7)).at[..., 0].set(True)
+    for kwargs in ({}, {"bias": bias}, {"mask": mask, "scale": 0.3}, {"bias": bias, "mask": mask}):
+        ours = heads_major_attention(q, k, v, **kwargs)
+        ref = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+        assert ours.dtype == ref.dtype
+        tol = 1e-6 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                                   atol=tol, rtol=tol)
