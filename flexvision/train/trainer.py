@@ -173,10 +173,12 @@ def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None,
 
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
     with sharding.activation_rules(mesh, config.get("sharding")):
-        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn)
+        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, params_init_fn,
+                              evaluator)
 
 
-def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, params_init_fn=None,
+                   evaluator=None) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
     model = build_model(config)
