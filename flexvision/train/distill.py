@@ -42,10 +42,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-import flexvision
 from flexvision.data import pipeline
 from flexvision.layers import flex
-from flexvision.train import losses, optim, sharding
+from flexvision.train import optim, sharding
 from flexvision.train.evaluator import Evaluator
 from flexvision.train.input import to_global
 from flexvision.train.step import model_kwargs
