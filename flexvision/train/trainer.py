@@ -152,13 +152,20 @@ def _non_finite_error(step_range: tuple[int, int], last_good: int | None, direct
         f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
 
 
-def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None) -> dict:
+def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None,
+                       params_init_fn=None, evaluator=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
     saving on SIGTERM and FloatingPointError on a non-finite loss.
 
     ``loss_fn`` (per-example, default from ``config.loss``) and ``targets_fn`` (see
-    ``step.make_train_step``) let a distillation mode swap the objective and add a teacher."""
+    ``step.make_train_step``) let a distillation mode swap the objective and add a teacher;
+    ``params_init_fn(params) -> params`` rewrites freshly initialised params (not on resume);
+    ``evaluator`` replaces the default :class:`Evaluator`. A ``config.distill`` block selects
+    the distillation mode (flexvision/train/distill.py), which sets these hooks."""
+    if config.get("distill") is not None and loss_fn is None and targets_fn is None:
+        from flexvision.train import distill
+        return distill.train_and_distill(config, workdir)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config)
@@ -166,10 +173,12 @@ def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None) -
 
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
     with sharding.activation_rules(mesh, config.get("sharding")):
-        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn)
+        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, params_init_fn,
+                              evaluator)
 
 
-def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, params_init_fn=None,
+                   evaluator=None) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
     model = build_model(config)
@@ -193,6 +202,10 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn) -> dict:
                              f"{meta['data_position']}; it was not written by this trainer")
     else:
         state, shardings = create_train_state(model, tx, image_shape, config, mesh)
+        if params_init_fn is not None:
+            params = params_init_fn(state["params"])
+            state = jax.jit(lambda s, p: dict(s, params=p, opt_state=tx.init(p)),
+                            out_shardings=shardings, donate_argnums=0)(state, params)
 
     step_fns: dict[int | None, Callable] = {}
 
@@ -205,7 +218,7 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn) -> dict:
                 fn, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
         return step_fns[patch_size]
 
-    evaluator = Evaluator(model, loss_fn, config, mesh)
+    evaluator = evaluator or Evaluator(model, loss_fn, config, mesh)
     writer = MetricWriter(workdir)
     progress = Progress(start_step, total_steps, int(config.input.batch_size))
     log_every = int(config.get("log_every", 50))
