@@ -45,7 +45,7 @@ def get_config(arg=None):
     config.distill.label_weight = 0.0
     config.distill.init_from_teacher = True
 
-    config.total_steps = 800
+    config.total_steps = 1200  # the labels-only baseline's budget, for a fair comparison
     config.schedule.warmup_steps = 50
     config.checkpoint_every = 400
     return config
