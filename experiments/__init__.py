@@ -1,0 +1,1 @@
+"""Small-scale reproductions of paper figures: run as ``python -m experiments.NAME --outdir DIR``."""
