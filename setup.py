@@ -14,6 +14,7 @@ RUNTIME_REQUIREMENTS = [
     "numpy>=2.0",
     "tensorflow-cpu>=2.21,<2.22",
     "tensorflow-datasets>=4.9.10",
+    "tensorboard>=2.21",
     "scikit-learn>=1.5",
     "safetensors>=0.4",
     "matplotlib>=3.8",
