@@ -47,10 +47,24 @@ def test_torch_bicubic_aa_matrix_matches_pil_bicubic(old, new):
 
 
 def test_resize_matrix_rows_sum_to_one():
-    for kernel in ("tf_bilinear", "jax_linear", "torch_bicubic_aa"):
+    for kernel in flex._KERNELS_1D:  # pylint: disable=protected-access
         for old, new in SIZES:
             np.testing.assert_allclose(flex.resize_matrix_1d(old, new, kernel).sum(1), 1.0,
                                        atol=1e-12)
+
+
+def test_torch_bilinear_is_tf_bilinear_and_matrices_are_shared_read_only():
+    """torch's align_corners=False bilinear and TF's half-pixel bilinear are one operator."""
+    for old, new in [*SIZES, (3, 6), (7, 57), (57, 7)]:
+        torch_matrix = flex.resize_matrix_1d(old, new, "torch_bilinear")
+        np.testing.assert_array_equal(torch_matrix, flex.resize_matrix_1d(old, new, "tf_bilinear"))
+        assert torch_matrix is flex.resize_matrix_1d(old, new, "torch_bilinear")
+        with pytest.raises(ValueError, match="read-only"):
+            torch_matrix[0, 0] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        flex.pi_resize_matrix((8, 8), (12, 12), "timm")[0, 0] = 1.0
+    with pytest.raises(ValueError, match="unknown 1-D resize kernel.*torch_bicubic"):
+        flex.resize_matrix_1d(4, 8, "bicubic")
 
 
 @pytest.mark.parametrize("method", ["big_vision", "timm"])

@@ -14,6 +14,7 @@ import flexvision
 from flexvision import convert
 from flexvision.convert import common as convert_common
 from flexvision.convert import hrnet as hrnet_convert
+from flexvision.layers import flex
 from flexvision.models import hrnet
 from helpers import FIXTURES, assert_parity, load_fixture, state_dict_of
 
@@ -181,20 +182,20 @@ def test_nearest_resize_equals_scale_factor_upsampling_on_exact_multiples():
     x = np.arange(2 * 3 * 5 * 2, dtype=np.float32).reshape(2, 3, 5, 2)
     for factor in (2, 4, 8):
         expected = np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
-        np.testing.assert_array_equal(hrnet.resize_nearest(jnp.asarray(x), (3 * factor, 5 * factor)),
+        np.testing.assert_array_equal(flex.resize_nearest(jnp.asarray(x), (3 * factor, 5 * factor)),
                                       expected)
     # Inexact sizes index floor(dst * in / out), PyTorch's F.interpolate(size=..., 'nearest').
-    np.testing.assert_array_equal(hrnet.nearest_source_indices(4, 7), [0, 0, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(flex.nearest_source_indices(4, 7), [0, 0, 1, 1, 2, 2, 3])
 
 
 def test_bilinear_matrix_matches_align_corners_false():
     # 2x upsampling by hand: source = dst / 2 - 0.25, clamped at 0 and at the last pixel.
     expected = np.array([[1, 0, 0], [0.75, 0.25, 0], [0.25, 0.75, 0], [0, 0.75, 0.25],
                          [0, 0.25, 0.75], [0, 0, 1]], np.float32)
-    np.testing.assert_allclose(hrnet.bilinear_resize_matrix(3, 6), expected, atol=1e-7)
+    np.testing.assert_allclose(flex.resize_matrix_1d(3, 6, "torch_bilinear"), expected, atol=1e-7)
     # For upsampling, half-pixel linear resize with edge renormalization is the same operator.
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 7, 4, 3))
-    ours = hrnet.resize_bilinear(x, (57, 13))
+    ours = flex.resize_bilinear(x, (57, 13))
     ref = jax.image.resize(x, (1, 57, 13, 3), method="linear", antialias=False)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 

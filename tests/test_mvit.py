@@ -13,7 +13,7 @@ from flax import traverse_util
 import flexvision
 from flexvision import convert
 from flexvision.convert.common import abstract_variables
-from flexvision.layers import attention
+from flexvision.layers import attention, flex
 from flexvision.models import mvit
 from tests.helpers import FIXTURES, assert_parity, load_fixture, parity_error, state_dict_of
 
@@ -103,7 +103,7 @@ def test_rel_pos_interpolation_is_the_identity_at_224_and_real_elsewhere(monkeyp
 
     def always_interpolate(table, length):
         calls.append((table.shape[0], length))
-        matrix = attention.linear_resize_matrix(table.shape[0], length)
+        matrix = flex.resize_matrix_1d(table.shape[0], length, "torch_bilinear")
         return jnp.einsum("nl,lc->nc", matrix, table, precision=jax.lax.Precision.HIGHEST)
 
     monkeypatch.setattr(attention, "resize_rel_pos_table", always_interpolate)
@@ -111,7 +111,7 @@ def test_rel_pos_interpolation_is_the_identity_at_224_and_real_elsewhere(monkeyp
     np.testing.assert_array_equal(forced, reference)  # bit-identical with the matmul applied
     assert calls and all(old == new for old, new in calls), calls
     for old, _ in set(calls):
-        assert np.array_equal(attention.linear_resize_matrix(old, old), np.eye(old))
+        assert np.array_equal(flex.resize_matrix_1d(old, old, "torch_bilinear"), np.eye(old))
 
     calls.clear()
     jax.eval_shape(model.apply, variables, jnp.zeros((1, 256, 256, 3)))
@@ -133,15 +133,16 @@ def test_runs_at_other_sizes_with_finite_outputs(height, width):
 
 
 def test_linear_resize_matrix_matches_half_pixel_linear_interpolation():
-    np.testing.assert_array_equal(attention.linear_resize_matrix(2, 4), np.array(
+    np.testing.assert_array_equal(flex.resize_matrix_1d(2, 4, "torch_bilinear"), np.array(
         [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]], np.float32))
     rng = np.random.default_rng(0)
     for old, new in [(111, 127), (55, 63), (27, 13), (7, 9)]:
         table = rng.normal(size=(old, 4)).astype(np.float32)
-        ours = attention.linear_resize_matrix(old, new) @ table
+        ours = flex.resize_matrix_1d(old, new, "torch_bilinear") @ table
         ref = jax.image.resize(table, (new, 4), "linear", antialias=False)
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)  # jax: float32 weights
-        assert attention.linear_resize_matrix(old, new) is attention.linear_resize_matrix(old, new)
+        matrix = flex.resize_matrix_1d(old, new, "torch_bilinear")
+        assert matrix is flex.resize_matrix_1d(old, new, "torch_bilinear")
 
 
 def test_decomposed_rel_pos_index():
@@ -166,7 +167,7 @@ def test_decomposed_rel_pos_bias_on_non_square_grids_matches_a_direct_sum():
     table_w = rng.normal(size=(9, dim)).astype(np.float32)  # 9 rows, kept
     bias = np.asarray(attention.decomposed_rel_pos_bias(q, table_h, table_w, (q_h, q_w),
                                                         (k_h, k_w)))
-    resized_h = attention.linear_resize_matrix(9, 5) @ table_h
+    resized_h = flex.resize_matrix_1d(9, 5, "torch_bilinear") @ table_h
     expected = np.zeros((1, heads, q_h, q_w, k_h, k_w), np.float32)
     for n in range(heads):
         for i in range(q_h):

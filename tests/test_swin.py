@@ -13,7 +13,7 @@ from helpers import FIXTURES, assert_parity, load_fixture, parity_error, state_d
 import flexvision
 from flexvision import convert
 from flexvision.convert.common import abstract_variables
-from flexvision.layers import attention, windows
+from flexvision.layers import attention, flex, windows
 from flexvision.models import swin
 
 FIXTURE = "timm/swin_tiny_window7_dynamic.npz"
@@ -261,11 +261,11 @@ def test_bad_input_says_what_is_accepted():
 def test_bicubic_resize_is_torchs():
     # torch.nn.functional.interpolate([0, 1], size=4, mode="bicubic", align_corners=False):
     # source coordinates -0.25, 0.25, 0.75, 1.25 with Keys' a = -0.75 and clamped taps.
-    matrix = attention.bicubic_resize_matrix(2, 4)
+    matrix = flex.resize_matrix_1d(2, 4, "torch_bicubic")
     np.testing.assert_allclose(matrix @ np.array([0.0, 1.0]),
                                [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-7)
-    np.testing.assert_allclose(attention.bicubic_resize_matrix(13, 13), np.eye(13), atol=1e-12)
-    np.testing.assert_allclose(attention.bicubic_resize_matrix(13, 23).sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(flex.resize_matrix_1d(13, 13, "torch_bicubic"), np.eye(13), atol=1e-12)
+    np.testing.assert_allclose(flex.resize_matrix_1d(13, 23, "torch_bicubic").sum(1), 1.0, atol=1e-12)
 
 
 def test_import_resizes_bias_tables_to_another_window(timm_swin):
@@ -275,7 +275,7 @@ def test_import_resizes_bias_tables_to_another_window(timm_swin):
     table = variables["params"]["layers_0"]["blocks_0"]["attn"]["relative_position_bias_table"]
     assert table.shape == (15 * 15, 1)
     source = state_dict_of(arrays)["layers.0.blocks.0.attn.relative_position_bias_table"]
-    expected = attention.resize_relative_position_bias_table(source, (8, 8))
+    expected = flex.resize_relative_position_bias_table(source, (8, 8))
     np.testing.assert_allclose(table, expected)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel, torch_linear_kernel)
-from flexvision.layers.attention import resize_relative_position_bias_table
+from flexvision.layers.flex import resize_relative_position_bias_table
 from flexvision.models.swin import stage_windows
 from flexvision.registry import create_model
 

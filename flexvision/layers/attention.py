@@ -1,4 +1,5 @@
-"""Multi-head attention on top of ``jax.nn.dot_product_attention``, and relative-position helpers.
+"""Multi-head attention on top of ``jax.nn.dot_product_attention``, and relative-position helpers
+(index tables and bias assembly; the tables' resizing lives in flexvision/layers/flex.py).
 
 ``jax.nn.dot_product_attention`` picks the fused cuDNN kernel on GPUs and XLA elsewhere, so every
 attention in flexvision goes through :func:`dot_product_attention` below.
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexvision.layers.common import dense, param_init
+from flexvision.layers.flex import resize_rel_pos_table
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -135,7 +137,7 @@ def relative_position_index(window: tuple[int, int],
     tab_h, tab_w = table_window or window
     if win_h > tab_h or win_w > tab_w:
         raise ValueError(f"window {window} is larger than the bias table's window {table_window}; "
-                         "resize the table with resize_relative_position_bias_table")
+                         "resize the table with flexvision.layers.flex.resize_relative_position_bias_table")
     rows, cols = np.meshgrid(np.arange(win_h), np.arange(win_w), indexing="ij")
     coords = np.stack([rows.ravel(), cols.ravel()])  # 2, N
     offsets = coords[:, :, None] - coords[:, None, :]  # 2, N, N (query minus key)
@@ -154,76 +156,7 @@ def relative_position_bias(table: jax.Array, window: tuple[int, int],
     return jnp.transpose(bias, (2, 0, 1))
 
 
-def _cubic_weight(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """Keys' cubic convolution kernel with PyTorch's a = -0.75."""
-    d = np.abs(distance)
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
-
-
-@functools.lru_cache(maxsize=None)
-def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of 1-D bicubic resampling as torch ``F.interpolate``
-    (mode='bicubic', align_corners=False, no antialias): source coordinate
-    (i + 0.5) * in / out - 0.5, four taps with a = -0.75, indices clamped at the borders."""
-    matrix = np.zeros((out_size, in_size), np.float64)
-    scale = in_size / out_size
-    for i in range(out_size):
-        source = (i + 0.5) * scale - 0.5
-        left = int(np.floor(source))
-        frac = source - left
-        for tap in range(-1, 3):
-            weight = _cubic_weight(np.asarray(tap - frac))
-            matrix[i, min(max(left + tap, 0), in_size - 1)] += float(weight)
-    matrix.setflags(write=False)
-    return matrix
-
-
-def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int, int]
-                                        ) -> np.ndarray:
-    """Resamples a square Swin bias table ((2M-1)^2, heads) to ``new_window`` by bicubic
-    interpolation of its (2M-1) x (2M-1) grid per head: the official Swin ``load_pretrained`` and
-    timm's ``resize_rel_pos_bias_table_simple`` (torch bicubic, align_corners=False)."""
-    table = np.asarray(table, np.float64)
-    num_offsets, heads = table.shape
-    side = int(round(num_offsets ** 0.5))
-    if side * side != num_offsets or side % 2 == 0:
-        raise ValueError(f"relative position bias table of {num_offsets} rows is not a square "
-                         "(2M-1) x (2M-1) grid; only square source windows can be resized")
-    out_h, out_w = 2 * new_window[0] - 1, 2 * new_window[1] - 1
-    grid = table.T.reshape(heads, side, side)
-    resized = np.einsum("oh,chw,pw->cop", bicubic_resize_matrix(side, out_h), grid,
-                        bicubic_resize_matrix(side, out_w))
-    return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
-
-
 # Relative positions (MViTv2)
-
-
-@functools.lru_cache(maxsize=None)
-def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of 1-D linear interpolation with half-pixel centres.
-
-    Row ``i`` samples the input at ``(i + 0.5) * in_size / out_size - 0.5`` (clamped to the
-    edges), as ``torch.nn.functional.interpolate(mode="linear"/"bilinear", align_corners=False)``
-    does; detectron2's ``get_rel_pos`` and MViT's ``_get_pos_embed`` resize with it. The matrix
-    is exactly the identity when ``in_size == out_size``. Read-only and cached per size pair.
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"resize sizes must be >= 1, got {in_size} -> {out_size}")
-    scale = in_size / out_size
-    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-    lower = np.floor(source).astype(np.int64)
-    upper = np.minimum(lower + 1, in_size - 1)
-    frac = source - lower
-    matrix = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
-    np.add.at(matrix, (rows, lower), 1.0 - frac)
-    np.add.at(matrix, (rows, upper), frac)
-    matrix = matrix.astype(np.float32)
-    matrix.flags.writeable = False
-    return matrix
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,19 +177,6 @@ def decomposed_rel_pos_index(q_len: int, k_len: int) -> np.ndarray:
     index = dist.astype(np.int64)
     index.flags.writeable = False
     return index
-
-
-def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:
-    """Resizes a (L, head_dim) relative-position table to ``length`` rows by linear interpolation.
-
-    detectron2 / MMPretrain ``get_rel_pos``: tables trained at one resolution serve any other.
-    When ``length == L`` the table is returned unchanged (the interpolation is the identity).
-    """
-    if table.shape[0] == length:
-        return table
-    matrix = jnp.asarray(linear_resize_matrix(table.shape[0], length))
-    return jnp.einsum("nl,lc->nc", matrix, table.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST).astype(table.dtype)
 
 
 def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,

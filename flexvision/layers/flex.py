@@ -1,7 +1,8 @@
 """All resizing math of flexvision: resize matrices, PI-resize, position-embedding resampling,
 and the flexible patch embedding (FlexiViT, Beyer et al. 2023, arXiv 2212.08013).
 
-Every resize here is linear in its input, so it is a matrix. The matrices are built once per
+Every resize here is linear in its input, so it is a matrix (the one exception, nearest-neighbour
+resizing of feature maps, is an index table). The matrices are built once per
 static shape in float64 NumPy (``functools.lru_cache``) and applied in the graph as one matmul.
 Two libraries' conventions are reproduced exactly, selected by ``method``:
 
@@ -14,6 +15,11 @@ Two libraries' conventions are reproduced exactly, selected by ``method``:
     Both PI-resize and position embeddings: ``torch.nn.functional.interpolate(..., "bicubic",
     antialias=True, align_corners=False)``: PIL's cubic kernel with a = -0.5, support widened by
     1/scale when downsampling, taps outside the input dropped and the rest renormalised.
+
+The architectures ported from PyTorch resize with ``torch.nn.functional.interpolate`` without
+antialiasing; those matrices live here too: bilinear (HRNet's segmentation neck, MViT's position
+embeddings and relative-position tables), bicubic with a = -0.75 (Swin's bias tables when a
+checkpoint moves to another window), and nearest (HRNet's fuse layers).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from flexvision.layers.common import CONV_AXES, param_init
 
 RESIZE_METHODS = ("big_vision", "timm")
-_KERNELS_1D = ("tf_bilinear", "jax_linear", "torch_bicubic_aa")
+_KERNELS_1D = ("tf_bilinear", "torch_bilinear", "jax_linear", "torch_bicubic_aa", "torch_bicubic")
 
 
 def to_pair(value: int | Sequence[int], what: str = "size") -> tuple[int, int]:
@@ -64,6 +70,12 @@ def _triangle(x: np.ndarray) -> np.ndarray:
     return np.maximum(0.0, 1.0 - np.abs(x))
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """Marks a cached array read-only: every caller of the cache shares it."""
+    array.setflags(write=False)
+    return array
+
+
 @functools.lru_cache(maxsize=None)
 def resize_matrix_1d(in_size: int, out_size: int, kernel: str) -> np.ndarray:
     """(out_size, in_size) float64 matrix M with ``resize(x) == M @ x`` along one axis.
@@ -72,6 +84,10 @@ def resize_matrix_1d(in_size: int, out_size: int, kernel: str) -> np.ndarray:
       ``"tf_bilinear"``: TF's ResizeBilinear with half_pixel_centers (tf.image.resize bilinear,
         no antialias): source coordinate s = (i + 0.5) * in/out - 0.5, taps floor(s) and ceil(s)
         clamped to [0, in - 1], weights 1 - frac(s) and frac(s).
+      ``"torch_bilinear"``: torch ``F.interpolate(mode="linear"|"bilinear", align_corners=False)``
+        without antialias (UpSampleKernel.cpp: s clamped at 0, taps floor(s) and floor(s) + 1
+        clamped at in - 1). The same matrix as ``"tf_bilinear"``: both are half-pixel linear
+        interpolation whose edge taps collapse onto the border pixel.
       ``"jax_linear"``: jax.image.resize 'linear', antialias=True (jax/_src/image/scale.py,
         compute_weight_mat): triangle kernel at |s - j| / max(in/out, 1), columns normalised to
         sum 1, outputs whose s lies outside [-0.5, in - 0.5] set to zero.
@@ -79,24 +95,44 @@ def resize_matrix_1d(in_size: int, out_size: int, kernel: str) -> np.ndarray:
         _compute_indices_min_size_weights_aa): centre c = (i + 0.5) * in/out, support
         2 * max(in/out, 1), weight of input j = cubic_{a=-0.5}((j + 0.5 - c) / max(in/out, 1))
         for taps inside the input, normalised to sum 1.
+      ``"torch_bicubic"``: torch ``F.interpolate(mode="bicubic", align_corners=False)`` without
+        antialias (upsample_bicubic2d): s = (i + 0.5) * in/out - 0.5, the four taps
+        floor(s) - 1 .. floor(s) + 2 clamped to [0, in - 1], Keys' cubic with a = -0.75.
+
+    Read-only (shared through the cache).
     """
     if kernel not in _KERNELS_1D:
         raise ValueError(f"unknown 1-D resize kernel {kernel!r}; accepted: {_KERNELS_1D}")
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
     scale = in_size / out_size  # input pixels per output pixel
+    return _read_only(_resize_weights(in_size, out_size, kernel))
+
+
+def _resize_weights(in_size: int, out_size: int, kernel: str) -> np.ndarray:
+    """The matrix of :func:`resize_matrix_1d`, freshly computed."""
+    scale = in_size / out_size
     out_idx = np.arange(out_size, dtype=np.float64)[:, None]
     in_idx = np.arange(in_size, dtype=np.float64)[None, :]
-    if kernel == "tf_bilinear":
+    rows = np.arange(out_size)
+    if kernel in ("tf_bilinear", "torch_bilinear"):
         source = (out_idx[:, 0] + 0.5) * scale - 0.5
         lower_f = np.floor(source)
         frac = source - lower_f
         lower = np.clip(lower_f.astype(np.int64), 0, in_size - 1)
         upper = np.clip(np.ceil(source).astype(np.int64), 0, in_size - 1)
         matrix = np.zeros((out_size, in_size))
-        rows = np.arange(out_size)
         np.add.at(matrix, (rows, lower), 1.0 - frac)
         np.add.at(matrix, (rows, upper), frac)
+        return matrix
+    if kernel == "torch_bicubic":
+        source = (out_idx[:, 0] + 0.5) * scale - 0.5
+        left = np.floor(source)
+        matrix = np.zeros((out_size, in_size))
+        for tap in range(-1, 3):
+            weight = _keys_cubic(tap - (source - left), a=-0.75)
+            index = np.clip(left.astype(np.int64) + tap, 0, in_size - 1)
+            np.add.at(matrix, (rows, index), weight)
         return matrix
     stretch = max(scale, 1.0)
     if kernel == "jax_linear":
@@ -126,8 +162,8 @@ def resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int], kernel: str)
 
     The 2-D resizes of TF, JAX and torch are separable, so B = kron(M_h, M_w).
     """
-    return np.kron(resize_matrix_1d(old_hw[0], new_hw[0], kernel),
-                   resize_matrix_1d(old_hw[1], new_hw[1], kernel))
+    return _read_only(np.kron(resize_matrix_1d(old_hw[0], new_hw[0], kernel),
+                              resize_matrix_1d(old_hw[1], new_hw[1], kernel)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,11 +178,11 @@ def pi_resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int], method: s
     """
     old_hw, new_hw = to_pair(old_hw, "old patch size"), to_pair(new_hw, "new patch size")
     if old_hw == new_hw:
-        return np.eye(old_hw[0] * old_hw[1])
+        return _read_only(np.eye(old_hw[0] * old_hw[1]))
     kernel = _kernel_for(method, "patch")
     rows = np.linalg.pinv(resize_matrix_1d(old_hw[0], new_hw[0], kernel).T)
     cols = np.linalg.pinv(resize_matrix_1d(old_hw[1], new_hw[1], kernel).T)
-    return np.kron(rows, cols)
+    return _read_only(np.kron(rows, cols))
 
 
 def pi_resize_kernel(kernel_hwio: jax.Array, new_hw: int | Sequence[int], method: str
@@ -172,7 +208,7 @@ def posemb_resize_matrix(old_grid: tuple[int, int], new_grid: tuple[int, int], m
     posemb interpolation: timm bicubic-antialias, big_vision jax 'linear')."""
     old_grid, new_grid = to_pair(old_grid, "posemb grid"), to_pair(new_grid, "token grid")
     if old_grid == new_grid:
-        return np.eye(old_grid[0] * old_grid[1])
+        return _read_only(np.eye(old_grid[0] * old_grid[1]))
     return resize_matrix(old_grid, new_grid, _kernel_for(method, "posemb"))
 
 
@@ -197,6 +233,77 @@ def resample_posemb(posemb: jax.Array, old_grid: int | Sequence[int],
     grid = jnp.einsum("nm,bmd->bnd", matrix.astype(grid.dtype), grid,
                       precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([prefix, grid], axis=1)
+
+
+# Feature maps and relative-position tables of the architectures ported from PyTorch
+
+
+@functools.lru_cache(maxsize=None)
+def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel of torch ``F.interpolate(size=..., mode="nearest")``:
+    ``floor(dst * in / out)``. For ``out = in * 2**k`` this is ``floor(dst / 2**k)``, i.e.
+    ``nn.Upsample(scale_factor=2**k, mode="nearest")`` (HRNet's fuse layers). Read-only int32."""
+    indices = np.minimum(np.arange(out_size) * in_size // out_size, in_size - 1)
+    return _read_only(indices.astype(np.int32))
+
+
+def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC ``x`` to spatial ``size`` (torch "nearest" indexing).
+
+    Exact integer factors repeat pixels (a broadcast, cheap on accelerators); other sizes gather
+    rows and columns through :func:`nearest_source_indices`.
+    """
+    for axis, out_size in ((1, int(size[0])), (2, int(size[1]))):
+        in_size = x.shape[axis]
+        if out_size == in_size:
+            continue
+        if out_size % in_size == 0:
+            x = jnp.repeat(x, out_size // in_size, axis=axis)
+        else:
+            x = jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
+    return x
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of NHWC ``x`` to spatial ``size``: torch ``F.interpolate(mode="bilinear",
+    align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices."""
+    (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
+    cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
+
+
+def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:
+    """Resizes a (L, head_dim) relative-position table to ``length`` rows by linear interpolation
+    (MViTv2; detectron2 / MMPretrain ``get_rel_pos``: tables trained at one resolution serve any
+    other). When ``length == L`` the table is returned unchanged (the interpolation is the
+    identity)."""
+    if table.shape[0] == length:
+        return table
+    matrix = jnp.asarray(resize_matrix_1d(table.shape[0], length, "torch_bilinear"), jnp.float32)
+    return jnp.einsum("nl,lc->nc", matrix, table.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).astype(table.dtype)
+
+
+def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int, int]
+                                        ) -> np.ndarray:
+    """Resamples a square Swin bias table ((2M-1)^2, heads) to ``new_window``: bicubic
+    interpolation of its (2M-1) x (2M-1) offset grid per head, as the official Swin
+    ``load_pretrained`` and timm's ``resize_rel_pos_bias_table_simple`` do (torch bicubic,
+    align_corners=False). Runs once, at import time of a checkpoint, in float64 NumPy."""
+    table = np.asarray(table, np.float64)
+    num_offsets, heads = table.shape
+    side = int(round(num_offsets ** 0.5))
+    if side * side != num_offsets or side % 2 == 0:
+        raise ValueError(f"relative position bias table of {num_offsets} rows is not a square "
+                         "(2M-1) x (2M-1) grid; only square source windows can be resized")
+    out_h, out_w = 2 * new_window[0] - 1, 2 * new_window[1] - 1
+    grid = table.T.reshape(heads, side, side)
+    resized = np.einsum("oh,chw,pw->cop", resize_matrix_1d(side, out_h, "torch_bicubic"), grid,
+                        resize_matrix_1d(side, out_w, "torch_bicubic"))
+    return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
 
 
 def check_patchable(image_hw: Sequence[int], patch_hw: tuple[int, int]) -> tuple[int, int]:

@@ -37,15 +37,14 @@ the 'batch_stats' collection must be mutable::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flexvision.layers import common
+from flexvision.layers.flex import resize_bilinear, resize_nearest
 from flexvision.registry import register_model
 
 BN_EPSILON = 1e-5
@@ -101,63 +100,6 @@ HRNET_STAGES = {
     "hrnet_w18_small_v2": hrnet_stages(18, stage1_blocks=2, blocks=2, modules=(1, 3, 2)),
     **{f"hrnet_w{w}": hrnet_stages(w) for w in (18, 30, 32, 40, 44, 48, 64)},
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# Resizing at exact sizes (index tables and matrices depend on static shapes only: cached NumPy).
-
-@functools.lru_cache(maxsize=None)
-def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of each output pixel for PyTorch ``F.interpolate(size=..., mode='nearest')``:
-    ``floor(dst * in / out)``. For ``out = in * 2**k`` this is ``floor(dst / 2**k)``, i.e.
-    ``nn.Upsample(scale_factor=2**k, mode='nearest')`` as in timm's fuse layers."""
-    indices = np.minimum(np.arange(out_size) * in_size // out_size, in_size - 1).astype(np.int32)
-    indices.setflags(write=False)  # shared through the cache
-    return indices
-
-
-@functools.lru_cache(maxsize=None)
-def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) matrix of PyTorch ``F.interpolate(mode='bilinear', align_corners=False)`` along
-    one axis: source coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, linear taps at its
-    floor and floor + 1 (the last pixel repeated at the edge). No antialiasing."""
-    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    matrix = np.zeros((out_size, in_size), np.float64)
-    np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
-    np.add.at(matrix, (np.arange(out_size), hi), frac)
-    matrix = matrix.astype(np.float32)
-    matrix.setflags(write=False)  # shared through the cache
-    return matrix
-
-
-def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of NHWC ``x`` to spatial ``size`` (PyTorch 'nearest' indexing).
-
-    Exact integer factors repeat pixels (a broadcast, cheap on accelerators); other sizes gather
-    rows and columns through :func:`nearest_source_indices`.
-    """
-    for axis, out_size in ((1, size[0]), (2, size[1])):
-        in_size = x.shape[axis]
-        if out_size == in_size:
-            continue
-        if out_size % in_size == 0:
-            x = jnp.repeat(x, out_size // in_size, axis=axis)
-        else:
-            x = jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
-    return x
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of NHWC ``x`` to ``size``, PyTorch ``align_corners=False`` semantics."""
-    (in_h, in_w), (out_h, out_w) = x.shape[1:3], size
-    if (in_h, in_w) == (out_h, out_w):
-        return x
-    rows = jnp.asarray(bilinear_resize_matrix(in_h, out_h), x.dtype)
-    cols = jnp.asarray(bilinear_resize_matrix(in_w, out_w), x.dtype)
-    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
 
 
 # ------------------------------------------------------------------------------------------------

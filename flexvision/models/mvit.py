@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexvision.layers.attention import (decomposed_rel_pos_bias, dot_product_attention,
-                                         linear_resize_matrix)
+from flexvision.layers.attention import decomposed_rel_pos_bias, dot_product_attention
 from flexvision.layers.common import conv, dense, layer_norm, param_init
+from flexvision.layers.flex import resize_matrix_1d
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp
 from flexvision.registry import register_model
@@ -449,8 +449,8 @@ def resample_abs_pos_embed(pos_embed: jax.Array, ref_grid: Size, grid: Size, pre
         return pos_embed
     prefix_part, spatial = pos_embed[:, :prefix], pos_embed[:, prefix:]
     spatial = spatial.reshape(ref_grid[0], ref_grid[1], -1).astype(jnp.float32)
-    rows = jnp.asarray(linear_resize_matrix(ref_grid[0], grid[0]))
-    cols = jnp.asarray(linear_resize_matrix(ref_grid[1], grid[1]))
+    rows = jnp.asarray(resize_matrix_1d(ref_grid[0], grid[0], "torch_bilinear"), jnp.float32)
+    cols = jnp.asarray(resize_matrix_1d(ref_grid[1], grid[1], "torch_bilinear"), jnp.float32)
     spatial = jnp.einsum("yh,xw,hwc->yxc", rows, cols, spatial,
                          precision=jax.lax.Precision.HIGHEST).astype(pos_embed.dtype)
     return jnp.concatenate([prefix_part, spatial.reshape(1, grid[0] * grid[1], -1)], axis=1)
