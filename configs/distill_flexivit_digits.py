@@ -14,24 +14,18 @@ teacher's accuracy, and agreement@1 / KL with the teacher per patch size.
 Config keys: see configs/flexivit_digits.py and flexvision/train/distill.py (config.distill).
 """
 
-import importlib.util
 import os
+import sys
 
 import ml_collections
 
-
-def _sibling_config(name):
-    """configs/NAME.py loaded by path (config files are loaded by path, not as a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_flexvision_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flexivit_digits  # noqa: E402  (the student's recipe)
 
 
 def get_config(arg=None):
     """arg: the teacher's workdir (a finished configs/vit_digits.py run)."""
-    config = _sibling_config("flexivit_digits").get_config()
+    config = flexivit_digits.get_config()
     config.distill = ml_collections.ConfigDict()
     config.distill.teacher = ml_collections.ConfigDict()
     config.distill.teacher.source = "workdir"
