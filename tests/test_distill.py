@@ -63,16 +63,21 @@ def test_teacher_receives_no_updates_and_student_learns():
                                    patch_size=4, targets_fn=distill.make_teacher_targets(teacher)))
     losses = []
     for _ in range(5):
-        state, metrics = step(state, {"image": images, "labels": labels})
+        state, metrics = step(state, {"image": images, "labels": labels}, teacher.variables)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, teacher_before,
                            jax.tree_util.tree_map(np.array, teacher.variables))
     assert "teacher" not in str(jax.tree_util.tree_structure(state["opt_state"]))
     # the teacher's logits are constants of the loss: the gradient through them is zero
-    grad = jax.grad(lambda v: jnp.sum(distill.make_teacher_targets(
-        distill.Teacher(teacher_model, v, resolution=24))(images, labels)))(teacher_vars)
+    grad = jax.grad(lambda v: jnp.sum(distill.make_teacher_targets(teacher)(v, images, labels))
+                    )(teacher_vars)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grad))
+    # the teacher is an input of the compiled step, not constants baked into it
+    lowered = step.lower(state, {"image": images, "labels": labels}, teacher.variables)
+    teacher_leaves = len(jax.tree_util.tree_leaves(teacher.variables))
+    state_leaves = len(jax.tree_util.tree_leaves(state))
+    assert lowered.in_tree.num_leaves == state_leaves + 2 + teacher_leaves
 
 
 def test_student_from_teacher_with_other_patch_size_reproduces_teacher():

@@ -135,8 +135,8 @@ def test_train_step_targets_hook_replaces_the_labels():
     batch = {"image": images, "labels": jax.nn.one_hot(jnp.array([0, 1]), 3)}
     teacher = jax.nn.one_hot(jnp.array([2, 2]), 3)
     loss = losses.get_loss("softmax_xent")
-    step = make_train_step(model, tx, loss, seed=0, targets_fn=lambda x, y: teacher)
-    _, metrics = jax.jit(step)(dict(state), batch)
+    step = make_train_step(model, tx, loss, seed=0, targets_fn=lambda frozen, x, y: frozen)
+    _, metrics = jax.jit(step)(dict(state), batch, teacher)
     logits = model.apply({"params": params}, images)
     np.testing.assert_allclose(metrics["loss"], loss(logits, teacher).mean(), rtol=1e-6)
     assert bool(metrics["finite"])

@@ -113,11 +113,12 @@ class Teacher:
 
 
 def make_teacher_targets(teacher: Teacher) -> Callable:
-    """``targets_fn(images, labels)`` for ``step.make_train_step``: the teacher's logits on the
-    same (augmented) images, concatenated with the labels."""
-    variables = teacher.variables
+    """``targets_fn(teacher_variables, images, labels)`` for ``step.make_train_step``: the
+    teacher's logits on the same (augmented) images, concatenated with the labels. The
+    variables arrive as the step's ``frozen`` argument (``teacher.variables``), not as
+    constants of the compiled step."""
 
-    def targets_fn(images, labels):
+    def targets_fn(variables, images, labels):
         return jnp.concatenate([teacher.logits(variables, images), labels.astype(jnp.float32)],
                                axis=-1)
 
@@ -382,6 +383,7 @@ def train_and_distill(config, workdir: str) -> dict:
     evaluator = DistillEvaluator(student, label_loss, config, mesh, teacher)
     final = trainer.train_and_evaluate(config, workdir, loss_fn=loss_fn,
                                        targets_fn=make_teacher_targets(teacher),
+                                       frozen=teacher.variables,
                                        params_init_fn=params_init_fn, evaluator=evaluator)
     if jax.process_index() == 0:
         print(format_comparison(final, f"Distillation vs teacher ({final['split']}):"),

@@ -152,14 +152,15 @@ def _non_finite_error(step_range: tuple[int, int], last_good: int | None, direct
         f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
 
 
-def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None,
+def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None, frozen=None,
                        params_init_fn=None, evaluator=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
     saving on SIGTERM and FloatingPointError on a non-finite loss.
 
-    ``loss_fn`` (per-example, default from ``config.loss``) and ``targets_fn`` (see
-    ``step.make_train_step``) let a distillation mode swap the objective and add a teacher;
+    ``loss_fn`` (per-example, default from ``config.loss``), ``targets_fn`` and ``frozen`` (its
+    first argument, passed to every jitted step; see ``step.make_train_step``) let a
+    distillation mode swap the objective and add a teacher;
     ``params_init_fn(params) -> params`` rewrites freshly initialised params (not on resume);
     ``evaluator`` replaces the default :class:`Evaluator`. A ``config.distill`` block selects
     the distillation mode (flexvision/train/distill.py), which sets these hooks."""
@@ -173,12 +174,12 @@ def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None,
 
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
     with sharding.activation_rules(mesh, config.get("sharding")):
-        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, params_init_fn,
+        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, frozen, params_init_fn,
                               evaluator)
 
 
-def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, params_init_fn=None,
-                   evaluator=None) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
+                   params_init_fn=None, evaluator=None) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
     model = build_model(config)
@@ -248,7 +249,7 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, params_init_
         while step < total_steps:
             batch = first_batch if step == start_step else next(batches)
             patch_size = flexi.patch_size_for_step(config.flexi, seed, step) if flexible else None
-            state, metrics = train_step_for(patch_size)(state, to_global(batch, mesh))
+            state, metrics = train_step_for(patch_size)(state, to_global(batch, mesh), frozen)
             finite = finite & metrics["finite"]
             step += 1
             progress.advance(step)
