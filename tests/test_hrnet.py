@@ -14,7 +14,7 @@ import flexvision
 from flexvision import convert
 from flexvision.convert import common as convert_common
 from flexvision.convert import hrnet as hrnet_convert
-from flexvision.layers import flex
+from flexvision.layers import common, flex
 from flexvision.models import hrnet
 from helpers import FIXTURES, assert_parity, load_fixture, state_dict_of
 
@@ -217,9 +217,39 @@ def test_converter_rejects_unknown_names():
 
 # --- training -------------------------------------------------------------------------------------
 
+def test_batch_norm_follows_pytorch_batchnorm2d():
+    """Train mode: output (x - mean) / sqrt(var_biased + eps) * scale + bias and running
+    averages moved with the UNBIASED variance (torch.nn.BatchNorm2d); eval mode: running stats."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (3, 4, 5, 6)).astype(np.float32)
+    norm = common.BatchNorm(momentum=0.9, epsilon=1e-5)
+    variables = norm.init(jax.random.key(0), x, use_running_average=False)
+    params = {"scale": rng.normal(size=6).astype(np.float32),
+              "bias": rng.normal(size=6).astype(np.float32)}
+    stats = {"mean": rng.normal(size=6).astype(np.float32),
+             "var": rng.uniform(0.5, 2.0, 6).astype(np.float32)}
+    y, updates = norm.apply({"params": params, "batch_stats": stats}, x,
+                            use_running_average=False, mutable=["batch_stats"])
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5) * params["scale"]
+                               + params["bias"], rtol=1e-5, atol=1e-5)
+    new = updates["batch_stats"]
+    np.testing.assert_allclose(new["mean"], 0.9 * stats["mean"] + 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(new["var"], 0.9 * stats["var"] + 0.1 * var * 60 / 59, rtol=1e-6)
+    y_eval = norm.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+    np.testing.assert_allclose(y_eval, (x64 - stats["mean"]) / np.sqrt(stats["var"] + 1e-5)
+                               * params["scale"] + params["bias"], rtol=1e-5, atol=1e-5)
+    assert set(variables["batch_stats"]) == {"mean", "var"}
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(6))  # init untouched
+    bf16 = common.BatchNorm(dtype=jnp.bfloat16).apply(variables, x, use_running_average=True)
+    assert bf16.dtype == jnp.bfloat16
+
+
 def test_train_step_updates_batch_stats():
     """One SGD step in train mode: BatchNorm normalizes with batch statistics and moves the
-    running averages by PyTorch momentum 0.1 (Flax 0.9); the params move too."""
+    running averages by PyTorch momentum 0.1 (Flax 0.9), the variance unbiased as in PyTorch;
+    the params move too."""
     # Two stages keep the compilation of the gradient cheap; the code path is the full model's.
     stages = hrnet.hrnet_stages(8, stage1_blocks=1, stage1_width=8, blocks=1)[:2]
     model = hrnet.HRNet(stages=stages, num_classes=3, drop_rate=0.1)
@@ -256,8 +286,8 @@ def test_train_step_updates_batch_stats():
     new = new_stats["backbone"]["bn1"]
     np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * stem.mean((0, 1, 2)),
                                rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * stem.var((0, 1, 2)),
-                               rtol=1e-4, atol=1e-5)
+    unbiased = np.var(np.asarray(stem, np.float64), axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * unbiased, rtol=1e-4, atol=1e-5)
     changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                                      stats, new_stats)
     assert all(jax.tree_util.tree_leaves(changed)), "every running average moves"

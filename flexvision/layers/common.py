@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
@@ -67,15 +68,53 @@ def layer_norm(epsilon: float = 1e-6, *, dtype=None, name: str | None = None) ->
                         bias_init=param_init(nn.initializers.zeros, ("norm",)))
 
 
+class BatchNorm(nn.Module):
+    """Batch normalization over the last (channel) axis (Ioffe & Szegedy 2015, Alg. 1) with
+    PyTorch ``BatchNorm2d`` semantics, so that models imported from timm keep training as there.
+
+    ``use_running_average=False``: normalize with the batch mean and the biased batch variance,
+    and move the running averages (``batch_stats``: ``mean``, ``var``) by
+    ``running = momentum * running + (1 - momentum) * batch``, where the variance entering the
+    running average is the UNBIASED one, ``var * n / (n - 1)`` over the n = B*H*W values per
+    channel (torch/nn/modules/batchnorm.py; Flax's ``nn.BatchNorm`` would use the biased one).
+    ``momentum`` is Flax's decay: PyTorch's ``momentum=0.1`` is ``0.9`` here. Statistics are
+    computed in float32 whatever ``dtype``.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axes: tuple[str | None, ...] = ("norm",)
+    dtype: jax.typing.DTypeLike | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", param_init(nn.initializers.ones, self.axes), (features,),
+                           jnp.float32)
+        bias = self.param("bias", param_init(nn.initializers.zeros, self.axes), (features,),
+                          jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        values = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            reduce_axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(values, axis=reduce_axes)
+            var = jnp.mean(jnp.square(values - mean), axis=reduce_axes)
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = (self.momentum * running_var.value
+                                     + (1 - self.momentum) * unbiased)
+        y = (values - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype or x.dtype)
+
+
 def batch_norm(*, momentum: float = 0.9, epsilon: float = 1e-5,
                axes: Sequence[str | None] = ("norm",), dtype=None, name: str | None = None,
-               ) -> nn.BatchNorm:
-    """``nn.BatchNorm`` over the last (channel) axis with logically named scale and bias.
-
-    ``momentum`` is Flax's decay of the running averages (running = momentum * running +
-    (1 - momentum) * batch), so PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here. Call it with
-    ``use_running_average=not train``; the running mean/var live in the 'batch_stats' collection.
-    """
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, name=name,
-                        scale_init=param_init(nn.initializers.ones, axes),
-                        bias_init=param_init(nn.initializers.zeros, axes))
+               ) -> BatchNorm:
+    """:class:`BatchNorm` with logically named scale and bias (``axes``); call it with
+    ``use_running_average=not train``."""
+    return BatchNorm(momentum=momentum, epsilon=epsilon, axes=tuple(axes), dtype=dtype, name=name)

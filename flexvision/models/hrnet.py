@@ -115,7 +115,7 @@ def _conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool = Fals
                        kernel_init=_conv_init, dtype=dtype, name=name)
 
 
-def _norm(module: nn.Module, name: str) -> nn.BatchNorm:
+def _norm(module: nn.Module, name: str) -> common.BatchNorm:
     return common.batch_norm(momentum=module.bn_momentum, epsilon=BN_EPSILON, axes=("conv_out",),
                              dtype=module.dtype, name=name)
 
