@@ -56,12 +56,13 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     _kernelspec(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     workdir = tmp_path / "workdir"
-    env = dict(os.environ,
-               FLEXVISION_NOTEBOOK_FAST="1",
-               FLEXVISION_NOTEBOOK_WORKDIR=str(workdir),
-               FLEXVISION_REPO=str(REPO),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg")
+    # No FLEXVISION_REPO: the notebooks find configs/ and experiments/ from the imported
+    # package, as on a fresh clone after `pip install -e .`.
+    python_path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {k: v for k, v in os.environ.items() if k != "FLEXVISION_REPO"}
+    env.update(FLEXVISION_NOTEBOOK_FAST="1", FLEXVISION_NOTEBOOK_WORKDIR=str(workdir),
+               PYTHONPATH=os.pathsep.join(python_path), JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="2")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
                                      resources={"metadata": {"path": str(tmp_path)}})
