@@ -140,12 +140,15 @@ def write_final(results: dict[str, dict], workdir: str, step: int) -> dict:
 
 
 def plot_accuracy(table: dict, path: str, title: str = "") -> None:
-    """Accuracy vs patch size, one line per resolution (matplotlib Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Accuracy vs patch size, one line per resolution, saved to ``path``.
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    Drawn on a bare ``matplotlib.figure.Figure`` (no pyplot): the caller's backend, e.g. a
+    notebook's inline plots, is left as it is.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.subplots()
     for res, sub in table["by_resolution"].items():
         labels = [l for l, a in sub["accuracy"].items() if a is not None]
         numeric = all(l.isdigit() for l in labels)
@@ -165,4 +168,3 @@ def plot_accuracy(table: dict, path: str, title: str = "") -> None:
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
