@@ -80,23 +80,31 @@ def read_model_from_workdir(workdir: str | None) -> tuple[str | None, dict]:
     return name, overrides
 
 
-def measure_speed(model: str, patch_sizes: Sequence[int], *, resolution: tuple[int, int],
-                  batch_size: int, dtype: str, overrides: dict, repeats: int,
-                  min_time: float) -> dict[int, dict[str, Any]]:
-    """Inference images/s (median, min, max) and XLA FLOPs per image for each patch size."""
-    speeds = {}
-    for patch in patch_sizes:
-        result = benchmark.benchmark_config(
-            model, batch_size=batch_size, resolution=resolution, patch_size=patch, dtype=dtype,
-            overrides=overrides, inference=True, train=False, repeats=repeats, min_time=min_time)
-        if result["patch_size"] != patch:
+def measure_speeds(architectures: Sequence[tuple[str, dict]], patch_size: int, *,
+                   resolution: tuple[int, int], batch_size: int, dtype: str, repeats: int,
+                   min_time: float, seed: int = 0) -> list[dict[str, Any]]:
+    """Inference images/s (median, min, max) and XLA FLOPs per image of each (model, overrides)
+    at ``patch_size``, timed interleaved (flexvision.benchmark.time_interleaved) so that every
+    architecture sees the same machine load."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    works = []
+    for model, overrides in architectures:
+        work = benchmark.build_workload(model, resolution=resolution, patch_size=patch_size,
+                                        dtype=dtype, optimizer="sgd", overrides=overrides,
+                                        seed=seed)
+        if not work.patch_kwargs:
             raise ValueError(f"{model} does not take patch_size=: the trade-off curve needs a "
                              f"flexible-patch model such as flexivit_small")
-        phase = result["inference"]
-        speeds[patch] = {"images_per_s": phase["images_per_s"],
-                         "gflops_per_image": phase["flops"] / batch_size / 1e9,
-                         "tokens": (resolution[0] // patch) * (resolution[1] // patch)}
-    return speeds
+        works.append(work)
+    images = jax.random.normal(jax.random.PRNGKey(seed), (batch_size, *resolution, 3))
+    compiled = [jax.jit(w.infer).lower(w.variables, images).compile() for w in works]
+    calls = [lambda c=c, w=w: c(w.variables, images) for c, w in zip(compiled, works)]
+    timings = benchmark.time_interleaved(calls, repeats=repeats, min_time=min_time)
+    tokens = (resolution[0] // patch_size) * (resolution[1] // patch_size)
+    return [{"images_per_s": timing.per_second(batch_size),
+             "gflops_per_image": benchmark.xla_flops(c) / batch_size / 1e9, "tokens": tokens}
+            for c, timing in zip(compiled, timings)]
 
 
 def trained_patch_sizes(workdir: str | None) -> list[int] | None:
@@ -275,17 +283,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "native_patch_size": base_native,
                      "accuracy": read_accuracy(workdir, None)})
 
-    # Patch size by patch size, every architecture in turn, so that load changes on the shared
-    # machine hit all runs alike; runs with the same architecture share one measurement.
-    speeds: dict[str, dict[int, dict]] = {}
+    environment = benchmark.environment()  # the load average before the measurements
+    # Patch size by patch size, all architectures timed interleaved, so that load changes on the
+    # shared machine hit all runs alike; runs with the same architecture share one measurement.
+    architectures = list(dict.fromkeys(_speed_key(r["model"], r["overrides"]) for r in runs))
+    speeds: dict[str, dict[int, dict]] = {key: {} for key in architectures}
     for patch in patch_sizes:
-        for run in runs:
-            key = _speed_key(run["model"], run["overrides"])
-            if patch in run["accuracy"] and patch not in speeds.setdefault(key, {}):
-                speeds[key].update(measure_speed(
-                    run["model"], [patch], resolution=args.resolution,
-                    batch_size=args.batch_size, dtype=args.dtype, overrides=run["overrides"],
-                    repeats=args.repeats, min_time=args.min_time))
+        keys = [k for k in architectures
+                if any(patch in r["accuracy"] and _speed_key(r["model"], r["overrides"]) == k
+                       for r in runs)]
+        measured = measure_speeds([tuple(json.loads(k)) for k in keys], patch,
+                                  resolution=args.resolution, batch_size=args.batch_size,
+                                  dtype=args.dtype, repeats=args.repeats, min_time=args.min_time)
+        for key, speed in zip(keys, measured):
+            speeds[key][patch] = speed
     for run in runs:
         measured = speeds[_speed_key(run["model"], run["overrides"])]
         run["rows"] = [{"patch_size": p, "accuracy": run["accuracy"][p], **measured[p]}
@@ -293,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         del run["accuracy"]
     meta = {"model": model, "overrides": overrides, "resolution": list(args.resolution),
             "batch_size": args.batch_size, "dtype": args.dtype, "repeats": args.repeats,
-            "source": runs[0]["source"], "environment": benchmark.environment(),
+            "source": runs[0]["source"], "environment": environment,
             "load_average_end": list(os.getloadavg())}
     paths = write_outputs(runs, meta, pathlib.Path(args.outdir))
     print(pathlib.Path(paths["md"]).read_text())
