@@ -561,6 +561,76 @@ def flexi_overhead(name: str, *, batch_size: int, resolution: tuple[int, int], p
             "flop_overhead": flops[0] / flops[1] - 1.0 if all(flops) else None}
 
 
+def compare_compiler_options(name: str, option_sets: Sequence[dict], *, batch_size: int,
+                             resolution: tuple[int, int], patch_size: int | None = None,
+                             phase: str = "inference", dtype: str = "float32",
+                             optimizer: str = "adamw", overrides: dict | None = None,
+                             warmup: int = 1, repeats: int = 5, min_time: float = 0.2,
+                             seed: int = 0, matmul_size: int = 2048) -> dict[str, Any]:
+    """A/B of XLA compile options (e.g. ``[{}, {"xla_cpu_prefer_vector_width": 512}]``) on one
+    model in one process: one executable per option set, all timed interleaved with each other
+    and with the matmul reference, so that every variant sees the same machine load.
+
+    Each variant's output (logits, or the first step's loss) is compared with the first one's:
+    ``relative_difference`` = max |out - out_0| / max(1, max |out_0|), to tell a pure scheduling
+    change (0) from one that changes the arithmetic (library GEMMs, fusion order)."""
+    if phase not in ("inference", "train"):
+        raise ValueError(f"phase must be 'inference' or 'train', got {phase!r}")
+    work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
+                          optimizer=optimizer, overrides=overrides, seed=seed)
+    key = jax.random.PRNGKey(seed)
+    images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
+    labels = jax.random.randint(key, (batch_size,), 0, 2)
+    calls, compiled_all, outputs, seconds_all = [], [], [], []
+    for options in option_sets:
+        if phase == "inference":
+            compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images,
+                                              compiler_options=options)
+            call = functools.partial(compiled, work.variables, images)
+        else:
+            state = jax.tree.map(jnp.copy, work.init_train_state())  # each variant donates its own
+            compiled, seconds = compile_timed(jax.jit(work.train_step, donate_argnums=0), state,
+                                              images, labels, key, compiler_options=options)
+            holder = {"state": state}
+
+            def call(compiled=compiled, holder=holder):
+                holder["state"], loss = compiled(holder["state"], images, labels, key)
+                return loss
+        outputs.append(np.asarray(call(), np.float32))
+        calls.append(call)
+        compiled_all.append(compiled)
+        seconds_all.append(seconds)
+    reference_call, reference_flops = matmul_reference(matmul_size, DTYPES[dtype])
+    *timings, reference_timing = time_interleaved(calls + [reference_call], warmup=warmup,
+                                                  repeats=repeats, min_time=min_time)
+    reference_rate = reference_timing.per_second(reference_flops)
+    scale = max(1.0, float(np.abs(outputs[0]).max()))
+    variants = []
+    for options, compiled, seconds, timing, out in zip(option_sets, compiled_all, seconds_all,
+                                                       timings, outputs):
+        flops = xla_flops(compiled)
+        variants.append({
+            "compiler_options": dict(options), **seconds,
+            "images_per_s": timing.per_second(batch_size),
+            "speedup": timings[0].median_s / timing.median_s,
+            "utilization_interleaved": (flops / timing.median_s / reference_rate["median"]
+                                        if flops else None),
+            "relative_difference": float(np.abs(out - outputs[0]).max()) / scale})
+    return {"model": name, "phase": phase, "batch_size": batch_size,
+            "resolution": list(resolution), "dtype": dtype, "variants": variants,
+            "reference_matmul_flops_per_s": reference_rate}
+
+
+def format_compiler_options(c: dict) -> str:
+    lines = [f"compiler options, {c['model']} {c['phase']} batch {c['batch_size']} (timed "
+             f"interleaved; matmul {_fmt_rate(c['reference_matmul_flops_per_s'], 1e9)} GFLOP/s):"]
+    for v in c["variants"]:
+        lines.append(f"  {json.dumps(v['compiler_options']):<70} {_fmt_rate(v['images_per_s'])} "
+                     f"img/s  x{v['speedup']:.3f}  util {100 * (v['utilization_interleaved'] or 0):.0f}%"
+                     f"  rel. diff {v['relative_difference']:.1e}")
+    return "\n".join(lines)
+
+
 def _timed(call, reference, **kwargs) -> tuple[Timing, Timing | None]:
     if reference is None:
         return time_calls(call, **kwargs), None
@@ -741,6 +811,18 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _json_list_of_dicts(text: str) -> list[dict]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of objects, got {text!r}") from err
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a non-empty JSON list of objects, e.g. "
+                                         f"'[{{}}, {{\"xla_cpu_prefer_vector_width\": 512}}]', "
+                                         f"got {text!r}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flexvision.benchmark", description=__doc__.split("\n\n")[0],
@@ -775,6 +857,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--compare_native", action="store_true",
         help="for flexible-patch models at each --patch_sizes P, also time the same model built "
              "natively at P (no PI-resize) interleaved with it, and report the overhead")
+    add("--compare_compiler_options", type=_json_list_of_dicts, default=None,
+        help='JSON list of XLA option sets to A/B on each model in this process, timed '
+             'interleaved, e.g. \'[{}, {"xla_cpu_prefer_vector_width": 512}]\' (first = baseline)')
     add("--random_patch_steps", type=int, default=0,
         help="also run N training steps with a random patch size per step (FlexiViT training)")
     add("--random_patch_model", default="flexivit_small")
@@ -947,6 +1032,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     repeats=max(args.repeats, 5), min_time=args.min_time, seed=args.seed))
                 print(format_overhead(comparisons[-1]))
         report["flexi_overhead"] = comparisons
+    if args.compare_compiler_options:
+        report["compiler_options_ab"] = []
+        for name in names:
+            for phase in [p for p, skip in (("inference", args.no_inference),
+                                            ("train", args.no_train)) if not skip]:
+                ab = compare_compiler_options(
+                    name, args.compare_compiler_options, batch_size=args.batch_size,
+                    resolution=resolutions[0], patch_size=(args.patch_sizes or [None])[0],
+                    phase=phase, dtype=args.dtype, optimizer=args.optimizer,
+                    overrides=args.overrides, warmup=args.warmup, repeats=args.repeats,
+                    min_time=args.min_time, seed=args.seed, matmul_size=args.matmul_size)
+                report["compiler_options_ab"].append(ab)
+                print(format_compiler_options(ab))
     if args.random_patch_steps:
         runs = random_patch_benchmark(args)
         report["random_patch"] = runs

@@ -131,6 +131,23 @@ def test_json_overrides_take_the_fields_types():
     assert benchmark.coerce_overrides("vit_micro", None) == {}
 
 
+def test_compiler_options_ab_in_one_process(tmp_path, capsys):
+    path = tmp_path / "ab.json"
+    benchmark.main(["--import_modules", TOY, "--models", "toy_batchnorm", "--batch_size", "2",
+                    "--resolutions", "16", "--repeats", "2", "--warmup", "1", "--min_time",
+                    "0.001", "--matmul_size", "64", "--no_inference", "--json", str(path),
+                    "--compare_compiler_options", json.dumps([{}, FAST_COMPILE])])
+    (ab,) = json.loads(path.read_text())["compiler_options_ab"]
+    assert ab["phase"] == "train" and [v["compiler_options"] for v in ab["variants"]] == [
+        {}, FAST_COMPILE]
+    baseline, other = ab["variants"]
+    assert baseline["speedup"] == 1.0 and baseline["relative_difference"] == 0.0
+    assert other["speedup"] > 0 and other["relative_difference"] < 1e-5  # same math, -O0
+    assert "compiler options, toy_batchnorm train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.make_parser().parse_args(["--compare_compiler_options", '{"a": 1}'])
+
+
 def test_patch_sizes_and_batch_stats_are_detected(tmp_path):
     path = tmp_path / "bench.json"
     benchmark.main(["--models", "toy_flex_patch,toy_batchnorm", "--patch_sizes", "4,8",
