@@ -60,6 +60,7 @@ from flexvision import registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FLEXIVIT_PATCH_SIZES = (8, 10, 12, 15, 16, 20, 24, 30, 40, 48)
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +172,14 @@ def device_peak_bytes() -> int | None:
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
 
 
-def compile_timed(jitted, *args) -> tuple[Any, dict[str, float]]:
-    """Lowers and compiles ``jitted`` for ``args``; returns the executable and the seconds spent."""
+def compile_timed(jitted, *args, compiler_options: dict | None = None
+                  ) -> tuple[Any, dict[str, float]]:
+    """Lowers and compiles ``jitted`` for ``args`` (with XLA ``compiler_options``, e.g.
+    ``{"xla_cpu_prefer_vector_width": 512}``); returns the executable and the seconds spent."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     traced = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options or None)
     done = time.perf_counter()
     return compiled, {"lower_s": traced - start, "xla_compile_s": done - traced,
                       "compile_s": done - start}
@@ -403,16 +406,55 @@ class Workload:
         return {"params": params, "opt_state": opt_state, "extra": extra}, loss
 
 
+def _like(template: Any, value: Any) -> Any:
+    """``value`` (parsed from JSON) in the form of ``template``: a dict or list becomes the
+    dataclass ``template`` is an instance of, a list becomes a tuple where ``template`` is one
+    (element by element against its first entry)."""
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        if isinstance(value, dict):
+            return type(template)(**{k: _like(getattr(template, k, None), v)
+                                     for k, v in value.items()})
+        if isinstance(value, (list, tuple)):
+            names = [f.name for f in dataclasses.fields(template)]
+            return type(template)(*(_like(getattr(template, n), v) for n, v in zip(names, value)))
+        return value
+    if isinstance(template, tuple) and isinstance(value, list):
+        element = template[0] if template else None
+        return tuple(_like(element, v) for v in value)
+    return value
+
+
+def coerce_overrides(name: str, overrides: dict | None) -> dict:
+    """Model overrides given as JSON (``--overrides``), in the types the model's fields hold.
+
+    JSON has no tuples and no dataclasses; a field whose registered value is a tuple of
+    dataclasses (HRNet's ``stages``: ``StageSpec``) takes a list of dicts or of positional
+    lists, e.g. ``{"stages": [[1, "bottleneck", [1], [8]], [1, "basic", [1, 1], [8, 16]]]}``.
+    Values that are already of the field's type pass unchanged."""
+    if not overrides:
+        return {}
+    entry, implied = registry.resolve(name)
+    defaults = {**{f.name: f.default for f in dataclasses.fields(entry.builder)
+                   if dataclasses.is_dataclass(entry.builder)
+                   and f.default is not dataclasses.MISSING},
+                **entry.defaults, **implied}
+    return {key: _like(defaults.get(key), value) for key, value in overrides.items()}
+
+
 def build_workload(name: str, *, resolution: tuple[int, int], patch_size: int | None,
                    dtype: str, optimizer: str, overrides: dict | None = None,
                    seed: int = 0) -> Workload:
-    """Creates registered model ``name`` and its float32 variables for one input size."""
-    model = flexvision.create_model(name, dtype=DTYPES[dtype], **(overrides or {}))
+    """Creates registered model ``name`` and its float32 variables for one input size;
+    ``overrides`` may come from JSON (:func:`coerce_overrides`)."""
+    model = flexvision.create_model(name, dtype=DTYPES[dtype], **coerce_overrides(name, overrides))
     patch_kwargs = {}
     if takes_patch_size(model) and patch_size is not None:
         patch_kwargs = {"patch_size": int(patch_size)}
     images = jnp.zeros((1, *resolution, 3), jnp.float32)
     init = jax.jit(functools.partial(model.init, train=False, **patch_kwargs))
+    # The initializer runs once and is not timed: XLA's -O0 compiles its hundreds of per-parameter
+    # RNG draws several times faster (22 s -> 4 s for a small HRNet on 2 cores).
+    init = init.lower(jax.random.PRNGKey(seed), images).compile(INIT_COMPILER_OPTIONS)
     variables = _unbox(dict(init(jax.random.PRNGKey(seed), images)))
     return Workload(name, model, variables, patch_kwargs, "batch_stats" in variables,
                     make_optimizer(optimizer))
@@ -433,13 +475,15 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
                      overrides: dict | None = None, inference: bool = True, train: bool = True,
                      warmup: int = 2, repeats: int = 5, min_time: float = 0.2,
                      seed: int = 0, profile: bool = False,
-                     reference: tuple[Callable[[], Any], float] | None = None) -> dict[str, Any]:
+                     reference: tuple[Callable[[], Any], float] | None = None,
+                     compiler_options: dict | None = None) -> dict[str, Any]:
     """Measures one (model, batch, resolution, patch size, dtype) configuration; with
     ``profile`` also the per-instruction time breakdown of each phase (:func:`profile_calls`).
 
     With ``reference`` (a matmul call and its FLOPs, :func:`matmul_reference`) each phase is
     timed interleaved with the matmul, so that ``utilization_interleaved`` compares the two under
-    the same machine load (the honest figure on a shared machine)."""
+    the same machine load (the honest figure on a shared machine). ``compiler_options`` go to
+    XLA for both measured executables (e.g. to compare XLA CPU options in one process)."""
     work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
                           optimizer=optimizer, overrides=overrides, seed=seed)
     key = jax.random.PRNGKey(seed)
@@ -449,10 +493,12 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         "model": name, "family": registry.model_family(name), "batch_size": batch_size,
         "resolution": list(resolution), "patch_size": work.patch_kwargs.get("patch_size"),
         "dtype": dtype, "optimizer": optimizer, "overrides": overrides or {},
+        "compiler_options": compiler_options or {},
         "parameters": count_parameters(work.variables), "has_batch_stats": work.has_batch_stats,
     }
     if inference:
-        compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images)
+        compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images,
+                                          compiler_options=compiler_options)
         timing, ref_timing = _timed(lambda: compiled(work.variables, images), reference,
                                     warmup=warmup, repeats=repeats, min_time=min_time)
         result["inference"] = _phase_report(compiled, seconds, timing, batch_size, reference,
@@ -463,7 +509,8 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
     if train:
         state = work.init_train_state()
         step = jax.jit(work.train_step, donate_argnums=0)
-        compiled, seconds = compile_timed(step, state, images, labels, key)
+        compiled, seconds = compile_timed(step, state, images, labels, key,
+                                          compiler_options=compiler_options)
         holder = {"state": state}
 
         def call():
@@ -512,6 +559,76 @@ def flexi_overhead(name: str, *, batch_size: int, resolution: tuple[int, int], p
             "time_overhead": flex_time.median_s / native_time.median_s - 1.0,
             "flexible_flops": flops[0], "native_flops": flops[1],
             "flop_overhead": flops[0] / flops[1] - 1.0 if all(flops) else None}
+
+
+def compare_compiler_options(name: str, option_sets: Sequence[dict], *, batch_size: int,
+                             resolution: tuple[int, int], patch_size: int | None = None,
+                             phase: str = "inference", dtype: str = "float32",
+                             optimizer: str = "adamw", overrides: dict | None = None,
+                             warmup: int = 1, repeats: int = 5, min_time: float = 0.2,
+                             seed: int = 0, matmul_size: int = 2048) -> dict[str, Any]:
+    """A/B of XLA compile options (e.g. ``[{}, {"xla_cpu_prefer_vector_width": 512}]``) on one
+    model in one process: one executable per option set, all timed interleaved with each other
+    and with the matmul reference, so that every variant sees the same machine load.
+
+    Each variant's output (logits, or the first step's loss) is compared with the first one's:
+    ``relative_difference`` = max |out - out_0| / max(1, max |out_0|), to tell a pure scheduling
+    change (0) from one that changes the arithmetic (library GEMMs, fusion order)."""
+    if phase not in ("inference", "train"):
+        raise ValueError(f"phase must be 'inference' or 'train', got {phase!r}")
+    work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
+                          optimizer=optimizer, overrides=overrides, seed=seed)
+    key = jax.random.PRNGKey(seed)
+    images = jax.random.normal(key, (batch_size, *resolution, 3), jnp.float32)
+    labels = jax.random.randint(key, (batch_size,), 0, 2)
+    calls, compiled_all, outputs, seconds_all = [], [], [], []
+    for options in option_sets:
+        if phase == "inference":
+            compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images,
+                                              compiler_options=options)
+            call = functools.partial(compiled, work.variables, images)
+        else:
+            state = jax.tree.map(jnp.copy, work.init_train_state())  # each variant donates its own
+            compiled, seconds = compile_timed(jax.jit(work.train_step, donate_argnums=0), state,
+                                              images, labels, key, compiler_options=options)
+            holder = {"state": state}
+
+            def call(compiled=compiled, holder=holder):
+                holder["state"], loss = compiled(holder["state"], images, labels, key)
+                return loss
+        outputs.append(np.asarray(call(), np.float32))
+        calls.append(call)
+        compiled_all.append(compiled)
+        seconds_all.append(seconds)
+    reference_call, reference_flops = matmul_reference(matmul_size, DTYPES[dtype])
+    *timings, reference_timing = time_interleaved(calls + [reference_call], warmup=warmup,
+                                                  repeats=repeats, min_time=min_time)
+    reference_rate = reference_timing.per_second(reference_flops)
+    scale = max(1.0, float(np.abs(outputs[0]).max()))
+    variants = []
+    for options, compiled, seconds, timing, out in zip(option_sets, compiled_all, seconds_all,
+                                                       timings, outputs):
+        flops = xla_flops(compiled)
+        variants.append({
+            "compiler_options": dict(options), **seconds,
+            "images_per_s": timing.per_second(batch_size),
+            "speedup": timings[0].median_s / timing.median_s,
+            "utilization_interleaved": (flops / timing.median_s / reference_rate["median"]
+                                        if flops else None),
+            "relative_difference": float(np.abs(out - outputs[0]).max()) / scale})
+    return {"model": name, "phase": phase, "batch_size": batch_size,
+            "resolution": list(resolution), "dtype": dtype, "variants": variants,
+            "reference_matmul_flops_per_s": reference_rate}
+
+
+def format_compiler_options(c: dict) -> str:
+    lines = [f"compiler options, {c['model']} {c['phase']} batch {c['batch_size']} (timed "
+             f"interleaved; matmul {_fmt_rate(c['reference_matmul_flops_per_s'], 1e9)} GFLOP/s):"]
+    for v in c["variants"]:
+        lines.append(f"  {json.dumps(v['compiler_options']):<70} {_fmt_rate(v['images_per_s'])} "
+                     f"img/s  x{v['speedup']:.3f}  util {100 * (v['utilization_interleaved'] or 0):.0f}%"
+                     f"  rel. diff {v['relative_difference']:.1e}")
+    return "\n".join(lines)
 
 
 def _timed(call, reference, **kwargs) -> tuple[Timing, Timing | None]:
@@ -688,9 +805,21 @@ def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--overrides must be a JSON object, got {text!r}") from err
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from err
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--overrides must be a JSON object, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _json_list_of_dicts(text: str) -> list[dict]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of objects, got {text!r}") from err
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a non-empty JSON list of objects, e.g. "
+                                         f"'[{{}}, {{\"xla_cpu_prefer_vector_width\": 512}}]', "
+                                         f"got {text!r}")
     return value
 
 
@@ -711,6 +840,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--optimizer", choices=("adamw", "sgd"), default="adamw")
     add("--overrides", type=_json_dict, default=None,
         help='JSON object of model constructor overrides, e.g. \'{"num_classes": 10}\'')
+    add("--compiler_options", type=_json_dict, default=None,
+        help='JSON object of XLA options for the measured executables, e.g. '
+             '\'{"xla_cpu_prefer_vector_width": 512}\' (per executable, unlike XLA_FLAGS)')
     add("--no_inference", action="store_true", help="skip the inference measurement")
     add("--no_train", action="store_true", help="skip the train-step measurement")
     add("--warmup", type=int, default=2, help="untimed calls before timing")
@@ -725,6 +857,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--compare_native", action="store_true",
         help="for flexible-patch models at each --patch_sizes P, also time the same model built "
              "natively at P (no PI-resize) interleaved with it, and report the overhead")
+    add("--compare_compiler_options", type=_json_list_of_dicts, default=None,
+        help='JSON list of XLA option sets to A/B on each model in this process, timed '
+             'interleaved, e.g. \'[{}, {"xla_cpu_prefer_vector_width": 512}]\' (first = baseline)')
     add("--random_patch_steps", type=int, default=0,
         help="also run N training steps with a random patch size per step (FlexiViT training)")
     add("--random_patch_model", default="flexivit_small")
@@ -847,9 +982,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {"environment": environment(), "args": {
         k: v for k, v in vars(args).items() if not k.startswith("_")}}
-    matmul = {"float32": matmul_flops_per_second(args.matmul_size, jnp.float32)}
+    timing = dict(warmup=args.warmup, repeats=args.repeats, min_time=args.min_time)
+    matmul = {"float32": matmul_flops_per_second(args.matmul_size, jnp.float32, **timing)}
     if args.dtype != "float32":
-        matmul[args.dtype] = matmul_flops_per_second(args.matmul_size, DTYPES[args.dtype])
+        matmul[args.dtype] = matmul_flops_per_second(args.matmul_size, DTYPES[args.dtype],
+                                                     **timing)
     results = []
     names = resolve_models(args.models) if args.models else []
     reference = matmul_reference(args.matmul_size, DTYPES[args.dtype]) if names else None
@@ -861,14 +998,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     dtype=args.dtype, optimizer=args.optimizer, overrides=args.overrides,
                     inference=not args.no_inference, train=not args.no_train,
                     warmup=args.warmup, repeats=args.repeats, min_time=args.min_time,
-                    seed=args.seed, profile=args.profile, reference=reference)
+                    seed=args.seed, profile=args.profile, reference=reference,
+                    compiler_options=args.compiler_options)
                 results.append(result)
                 if result["patch_size"] is None:
                     break  # the model ignores patch sizes: one configuration is enough
     # The machine is measured again after the models; the faster of the two measurements is the
     # reference, so that a busy moment at the start cannot inflate the models' utilization.
     for dtype, first in list(matmul.items()):
-        again = matmul_flops_per_second(args.matmul_size, DTYPES[dtype])
+        again = matmul_flops_per_second(args.matmul_size, DTYPES[dtype], **timing)
         first["repeat_flops_per_s"] = again["flops_per_s"]
         if again["flops_per_s"]["median"] > first["flops_per_s"]["median"]:
             first["first_flops_per_s"], first["flops_per_s"] = first["flops_per_s"], again["flops_per_s"]
@@ -894,6 +1032,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     repeats=max(args.repeats, 5), min_time=args.min_time, seed=args.seed))
                 print(format_overhead(comparisons[-1]))
         report["flexi_overhead"] = comparisons
+    if args.compare_compiler_options:
+        report["compiler_options_ab"] = []
+        for name in names:
+            for phase in [p for p, skip in (("inference", args.no_inference),
+                                            ("train", args.no_train)) if not skip]:
+                ab = compare_compiler_options(
+                    name, args.compare_compiler_options, batch_size=args.batch_size,
+                    resolution=resolutions[0], patch_size=(args.patch_sizes or [None])[0],
+                    phase=phase, dtype=args.dtype, optimizer=args.optimizer,
+                    overrides=args.overrides, warmup=args.warmup, repeats=args.repeats,
+                    min_time=args.min_time, seed=args.seed, matmul_size=args.matmul_size)
+                report["compiler_options_ab"].append(ab)
+                print(format_compiler_options(ab))
     if args.random_patch_steps:
         runs = random_patch_benchmark(args)
         report["random_patch"] = runs

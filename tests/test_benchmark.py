@@ -16,23 +16,33 @@ import tests.benchmark_toy_models  # noqa: F401  (registers toy_flex_patch, toy_
 
 TOY = "tests.benchmark_toy_models"
 
-# Per family: the smallest registered model and overrides that keep a test compile fast.
-# Families on main that are missing here are benchmarked with their first model as registered.
+# Per family: a representative registered model and the create_model overrides (JSON, as on the
+# command line) that make it tiny, a block or two of small width, so that its inference and train
+# step compile in seconds. Every registered family must have an entry (checked below).
 TINY = {
     "benchmark_toy": ("toy_flex_patch", {}),
     "vit": ("vit_micro", {"depth": 1}),
+    "swin": ("swin_tiny_patch4_window7_224",
+             {"embed_dim": 8, "depths": [2], "num_heads": [1], "window_size": 4}),
+    "mvit": ("mvitv2_tiny", {"depths": [1], "embed_dim": 8, "num_heads": 1, "stride_q": [[1, 1]]}),
+    "hrnet": ("hrnet_w18_small", {"stages": [[1, "bottleneck", [1], [8]],
+                                             [1, "basic", [1, 1], [8, 16]]],
+                                  "stem_width": 8, "num_features": 32}),
+    "cyclemlp": ("cyclemlp_b1", {"depths": [1], "embed_dims": [16], "mlp_ratios": [2],
+                                 "transitions": []}),
+    "asmlp": ("asmlp_tiny", {"embed_dim": 16, "depths": [1], "mlp_ratio": 2}),
 }
-# Extra configurations with another code path: DeiT's train mode returns two heads.
-EXTRA = [("toy_batchnorm", {}),
-         ("deit_tiny_distilled_patch16_224", {"depth": 1, "width": 48, "num_heads": 2})]
+TINY_RESOLUTION = 32
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Extra configurations with another code path: DeiT's train mode returns two heads; the toy
+# BatchNorm model keeps batch_stats.
+EXTRA = {"toy_batchnorm": ("toy_batchnorm", {}),
+         "deit_distilled": ("deit_tiny_distilled_patch16_224",
+                            {"depth": 1, "width": 48, "num_heads": 2})}
 
 
-def _family_models() -> list[tuple[str, dict]]:
-    chosen = []
-    for family in sorted({registry.model_family(n) for n in registry.list_models()}):
-        name, overrides = TINY.get(family, (registry.list_models(family=family)[0], {}))
-        chosen.append((name, overrides))
-    return chosen
+def _registered_families() -> list[str]:
+    return sorted({registry.model_family(n) for n in registry.list_models()})
 
 
 @pytest.mark.parametrize("m,n,k", [(64, 16, 32), (128, 256, 96), (7, 5, 3)])
@@ -62,30 +72,80 @@ def _check_phase(phase: dict, batch_size: int) -> None:
     assert phase["memory"]["peak_bytes"] >= phase["memory"]["argument_bytes"] > 0
 
 
-def test_benchmark_runs_every_family_and_writes_valid_json(tmp_path, capsys):
-    chosen = _family_models() + [e for e in EXTRA if e[0] in registry.list_models()]
+def test_every_registered_family_has_tiny_benchmark_settings():
+    missing = [f for f in _registered_families() if f not in TINY]
+    assert not missing, (
+        f"families {missing} have no tiny benchmark settings: add (model name, create_model "
+        f"overrides) for each to TINY in tests/test_benchmark.py; a full-size model takes minutes "
+        f"to compile on a CPU")
+    for family, (name, _) in TINY.items():
+        if family in _registered_families():
+            assert registry.model_family(name) == family, (family, name)
+
+
+@pytest.mark.parametrize("case", _registered_families() + sorted(EXTRA))
+def test_benchmark_runs_every_family_and_writes_valid_json(case, tmp_path, capsys):
+    if case not in TINY and case not in EXTRA:
+        pytest.fail(f"family {case!r} has no tiny benchmark settings: add them to TINY")
+    name, overrides = TINY.get(case) or EXTRA[case]
     path = tmp_path / "bench.json"
-    for index, (name, overrides) in enumerate(chosen):
-        argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
-                "--resolutions", "32" if registry.model_family(name) == "benchmark_toy" else "64",
-                "--repeats", "2", "--warmup", "1", "--min_time", "0.01", "--matmul_size", "256",
-                "--optimizer", "sgd" if index % 2 else "adamw", "--json", str(path)]
-        if overrides:
-            argv += ["--overrides", json.dumps(overrides)]
-        benchmark.main(argv)
-        report = json.loads(path.read_text())
-        assert report["environment"]["backend"] == jax.default_backend()
-        assert len(report["environment"]["load_average"]) == 3
-        assert report["matmul"]["float32"]["flops"] == 2 * 256 ** 3
-        (result,) = report["results"]
-        assert result["model"] == name and result["family"] == registry.model_family(name)
-        assert result["parameters"] > 0
-        for phase in ("inference", "train"):
-            _check_phase(result[phase], batch_size=2)
-        # A train step (forward + backward + update) costs more than inference.
-        assert result["train"]["flops"] > result["inference"]["flops"]
+    argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
+            "--resolutions", str(TINY_RESOLUTION), "--repeats", "2", "--warmup", "1",
+            "--min_time", "0.01", "--matmul_size", "256", "--json", str(path),
+            "--optimizer", "adamw" if case == "vit" else "sgd",
+            # The test checks the pipeline, not the speed: XLA -O0 halves the compile time.
+            "--compiler_options", json.dumps(FAST_COMPILE)]
+    if overrides:
+        argv += ["--overrides", json.dumps(overrides)]
+    benchmark.main(argv)
+    report = json.loads(path.read_text())
+    assert report["environment"]["backend"] == jax.default_backend()
+    assert len(report["environment"]["load_average"]) == 3
+    assert report["matmul"]["float32"]["flops"] == 2 * 256 ** 3
+    (result,) = report["results"]
+    assert result["model"] == name and result["family"] == registry.model_family(name)
+    assert result["overrides"] == overrides and result["compiler_options"] == FAST_COMPILE
+    assert result["parameters"] > 0
+    for phase in ("inference", "train"):
+        _check_phase(result[phase], batch_size=2)
+    # A train step (forward + backward + update) costs more than inference.
+    assert result["train"]["flops"] > result["inference"]["flops"]
+    assert result["has_batch_stats"] == (case in ("hrnet", "toy_batchnorm"))
     table = capsys.readouterr().out
     assert "img/s median [min-max]" in table and "matmul 256^2 float32" in table
+    assert name in table
+
+
+def test_json_overrides_take_the_fields_types():
+    from flexvision.models.hrnet import StageSpec
+
+    overrides = benchmark.coerce_overrides("hrnet_w18_small", TINY["hrnet"][1])
+    assert overrides["stages"] == (StageSpec(1, "bottleneck", (1,), (8,)),
+                                   StageSpec(1, "basic", (1, 1), (8, 16)))
+    assert overrides["stem_width"] == 8
+    mvit = benchmark.coerce_overrides("mvitv2_tiny", {"stride_q": [[1, 1], [2, 2]], "depths": [1, 1]})
+    assert mvit == {"stride_q": ((1, 1), (2, 2)), "depths": (1, 1)}
+    by_name = benchmark.coerce_overrides("hrnet_w18_small", {"stages": [
+        {"num_modules": 1, "block": "bottleneck", "num_blocks": [1], "num_channels": [8]}]})
+    assert by_name["stages"] == (StageSpec(1, "bottleneck", (1,), (8,)),)
+    assert benchmark.coerce_overrides("vit_micro", None) == {}
+
+
+def test_compiler_options_ab_in_one_process(tmp_path, capsys):
+    path = tmp_path / "ab.json"
+    benchmark.main(["--import_modules", TOY, "--models", "toy_batchnorm", "--batch_size", "2",
+                    "--resolutions", "16", "--repeats", "2", "--warmup", "1", "--min_time",
+                    "0.001", "--matmul_size", "64", "--no_inference", "--json", str(path),
+                    "--compare_compiler_options", json.dumps([{}, FAST_COMPILE])])
+    (ab,) = json.loads(path.read_text())["compiler_options_ab"]
+    assert ab["phase"] == "train" and [v["compiler_options"] for v in ab["variants"]] == [
+        {}, FAST_COMPILE]
+    baseline, other = ab["variants"]
+    assert baseline["speedup"] == 1.0 and baseline["relative_difference"] == 0.0
+    assert other["speedup"] > 0 and other["relative_difference"] < 1e-5  # same math, -O0
+    assert "compiler options, toy_batchnorm train" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.make_parser().parse_args(["--compare_compiler_options", '{"a": 1}'])
 
 
 def test_patch_sizes_and_batch_stats_are_detected(tmp_path):
@@ -150,25 +210,52 @@ def test_flexible_patch_overhead_against_a_native_model():
         assert 0 < c[key]["min"] <= c[key]["median"] <= c[key]["max"]
 
 
+def _fake_workdir(path: pathlib.Path, model: str, accuracy: dict, flexi_patch_sizes) -> str:
+    """A trainer workdir as flexvision.train leaves it: config.json (model.name, model.kwargs,
+    flexi) and final_eval.json (accuracy per patch size, None where the size does not tile)."""
+    path.mkdir()
+    config = {"model": {"name": model, "kwargs": {"depth": 1, "num_classes": 10}},
+              "flexi": {"patch_sizes": flexi_patch_sizes} if flexi_patch_sizes else None}
+    (path / "config.json").write_text(json.dumps(config))
+    table = {str(p): a for p, a in accuracy.items()}
+    (path / "final_eval.json").write_text(json.dumps(
+        {"step": 10, "split": "test", "accuracy": table, "loss": table,
+         "by_resolution": {"native": {"accuracy": table, "loss": table}}}))
+    return str(path)
+
+
 def test_speed_accuracy_curve_writes_png_json_and_table(tmp_path):
-    workdir = tmp_path / "workdir"
-    workdir.mkdir()
-    (workdir / "final_eval.json").write_text(json.dumps({"accuracy": {"8": 0.9, "16": 0.8}}))
+    flexi = _fake_workdir(tmp_path / "flexi", "flexivit_micro", {8: 0.9, 16: 0.8, 20: None},
+                          [8, 16])
+    fixed = _fake_workdir(tmp_path / "fixed", "vit_micro", {8: 0.95}, None)
     script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "speed_accuracy.py"
     speed_accuracy = runpy.run_path(str(script))
-    out = speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
-                                  "--overrides", '{"depth": 1}', "--resolution", "48", "--batch_size", "2", "--repeats", "2",
-                                  "--min_time", "0.01", "--outdir", str(tmp_path / "out")])
-    rows = json.loads((tmp_path / "out" / "speed_accuracy.json").read_text())["rows"]
+    outdir = tmp_path / "out"
+    out = speed_accuracy["main"](["--workdir", flexi, "--baseline_workdir", fixed,
+                                  "--resolution", "48", "--batch_size", "2", "--repeats", "2",
+                                  "--min_time", "0.01", "--outdir", str(outdir)])
+    report = json.loads((outdir / "speed_accuracy.json").read_text())
+    # The model and its overrides come from config.json; the untileable patch 20 is skipped.
+    assert report["meta"]["model"] == "flexivit_micro"
+    assert report["meta"]["overrides"] == {"depth": 1, "num_classes": 10}
+    rows = report["rows"]
     assert [(r["patch_size"], r["accuracy"], r["tokens"]) for r in rows] == [(8, 0.9, 36),
                                                                              (16, 0.8, 9)]
     assert rows[0]["gflops_per_image"] > rows[1]["gflops_per_image"]
-    assert (tmp_path / "out" / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 16 | 9 |" in (tmp_path / "out" / "speed_accuracy.md").read_text()
+    (baseline,) = report["baselines"]
+    assert baseline["model"] == "vit_micro" and baseline["native_patch_size"] == 8
+    assert [(r["patch_size"], r["accuracy"]) for r in baseline["rows"]] == [(8, 0.95)]
+    for row in rows + baseline["rows"]:
+        speed = row["images_per_s"]
+        assert 0 < speed["min"] <= speed["median"] <= speed["max"]
+    assert (outdir / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (outdir / "speed_accuracy.md").read_text()
+    assert "| 16 | 9 |" in table and "80.00% |" in table and "95.00% (trained) |" in table
+    assert "random patch size in {8, 16}" in table and "trained at patch 8 only" in table
     assert out["paths"]["png"].endswith("speed_accuracy.png")
     with pytest.raises(ValueError, match="do not tile"):
-        speed_accuracy["main"](["--workdir", str(workdir), "--model", "flexivit_micro",
-                                "--resolution", "40", "--outdir", str(tmp_path / "bad")])
+        speed_accuracy["main"](["--workdir", flexi, "--resolution", "40",
+                                "--outdir", str(tmp_path / "bad")])
 
 
 def test_profile_attributes_time_to_hlo_instructions_and_matmuls(tmp_path):
@@ -191,9 +278,15 @@ def test_heads_major_attention_equals_jax_nn(dtype):
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8), dtype) for key in keys[:3])
     bias = jax.random.normal(keys[3], (1, 3, 7, 7), dtype)
     mask = jax.random.bernoulli(keys[4], 0.7, (2, 1, 7, 7)).at[..., 0].set(True)
-    for kwargs in ({}, {"bias": bias}, {"mask": mask, "scale": 0.3}, {"bias": bias, "mask": mask}):
-        ours = heads_major_attention(q, k, v, **kwargs)
-        ref = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+    variants = ({}, {"bias": bias}, {"mask": mask, "scale": 0.3}, {"bias": bias, "mask": mask})
+
+    @jax.jit  # one compilation for every variant
+    def both(q, k, v):
+        return [(heads_major_attention(q, k, v, **kwargs),
+                 jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs))
+                for kwargs in variants]
+
+    for ours, ref in both(q, k, v):
         assert ours.dtype == ref.dtype
         tol = 1e-6 if dtype == jnp.float32 else 2e-2
         np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
