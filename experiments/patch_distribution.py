@@ -64,7 +64,9 @@ def plot(table: dict, outdir: str) -> str:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     labels = {"uniform": "uniform", "area": "~ p² (big patches)",
               "inverse_area": "~ 1/p² (small patches)", "fixed": f"fixed {table['base_patch']}"}
-    for name, accs in table["accuracy"].items():
+    names = [d for d in DISTRIBUTIONS if d in table["accuracy"]]
+    for name in names + sorted(set(table["accuracy"]) - set(names)):
+        accs = table["accuracy"][name]
         mean = table["mean_accuracy"][name]
         line, = ax.plot(patch_sizes, accs, marker="o",
                         label=f"{labels.get(name, name)} (mean {mean:.2f})")
@@ -78,7 +80,7 @@ def plot(table: dict, outdir: str) -> str:
     ax.set_ylabel("digits test accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Training patch-size distribution ({table['steps']} steps each)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower center")
+    ax.legend(fontsize=8, loc="lower left")
     bx.set_xlabel("training patch size")
     bx.set_ylabel("sampling probability")
     bx.set_title("the distributions", fontsize=10)

@@ -95,7 +95,7 @@ def plot(table: dict, outdir: str) -> str:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(f"Accuracy vs patch size ({table['steps']} steps per model)")
-    ax.legend(fontsize=7, loc="lower center")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = lab.save_figure(fig, outdir, "patch_size_sweep")
     plt.close(fig)
     return path

@@ -186,7 +186,7 @@ def plot(table: dict, outdir: str) -> str:
     ax.grid(alpha=0.3)
     ax.set_title(f"Accuracy vs input resolution, tiny model of each family "
                  f"({table['steps']} steps)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower center")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = lab.save_figure(fig, outdir, "resolution_sweep")
     plt.close(fig)
     return path
