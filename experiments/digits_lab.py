@@ -1,10 +1,13 @@
 """Shared pieces of the small-scale FlexiViT experiments on scikit-learn's digits (no download).
 
 Everything here runs in memory on CPU in minutes: the fixed 1500/297 digits split of
-``flexvision.data.digits`` upsampled to 24x24, a plain jitted Adam training loop for the
-micro ViT / FlexiViT (``vit_micro`` / ``flexivit_micro``), per-patch-size evaluation, and the
-two ways of moving a trained patch-embedding kernel to another patch size (FlexiViT paper,
-arXiv 2212.08013, Sec. 3.4: bilinear resize vs PI-resize).
+``flexvision.data.digits`` upsampled to 24x24 (or any size, 1 or 3 channels), a jitted AdamW
+training loop for the micro ViT / FlexiViT (``vit_micro`` / ``flexivit_micro``, a random patch
+size per step) and for any registered classifier (``train_variables``, BatchNorm state
+included), per-patch-size evaluation, and the two ways of moving a trained patch-embedding
+kernel to another patch size (FlexiViT paper, arXiv 2212.08013, Sec. 3.4: bilinear resize vs
+PI-resize). Compiled steps are cached per model configuration, so repeated runs (one per
+patch-size distribution, say) compile once.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ strides scaled to small maps) is trained briefly on the digits (3 channels) at o
 that does not reach :data:`MIN_TRAINED_ACCURACY` at its training size within the budget is
 reported by output stability instead (cosine similarity of its pooled features 'pre_logits' to
 those at the training size), and the plot says so. A size a model cannot take is recorded with
-its ValueError message (e.g. the ViT at sizes its patch does not tile).
+its ValueError message (e.g. the ViT at 22 px, which its 4 px patches do not tile).
 
     python -m experiments.resolution_sweep --outdir docs/figures
 """
@@ -27,7 +27,7 @@ from experiments import digits_lab as lab
 from flexvision.models.hrnet import hrnet_stages
 
 TRAIN_RESOLUTION = 32
-RESOLUTIONS = (16, 24, 30, 32, 48, 64)
+RESOLUTIONS = (16, 22, 28, 32, 40, 48, 64)
 MIN_TRAINED_ACCURACY = 0.5  # 5x chance on 10 classes
 
 #: family -> (registered model, overrides that shrink it for a CPU run at 16-64 px).
@@ -41,8 +41,11 @@ TINY_CONFIGS = {
              dict(img_size=TRAIN_RESOLUTION, depths=(1, 1, 1), embed_dim=32, num_heads=1,
                   stride_q=((1, 1), (2, 2), (2, 2)), stride_kv_adaptive=(2, 2))),
     "hrnet": ("hrnet_w18_small",
+              # Three stages (branches at 1/4, 1/8, 1/16): the classification neck widens each
+              # branch to 128 * 2**i channels, so a fourth branch alone would add ~6M params.
               dict(stages=hrnet_stages(8, stage1_blocks=1, stage1_width=16, blocks=1,
-                                       modules=(1, 1, 1)), stem_width=16, num_features=128)),
+                                       modules=(1, 1, 1))[:3], stem_width=16,
+                   num_features=128)),
     "cyclemlp": ("cyclemlp_b1", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128),
                                      mlp_ratios=(2, 2, 2, 2))),
     "asmlp": ("asmlp_tiny", dict(embed_dim=16, depths=(1, 1, 1, 1), shift_size=3,
