@@ -104,7 +104,7 @@ def plot(table: dict, outdir: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outdir", required=True)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixed-patches", default="4,8",
                         help="native patch sizes of the fixed-patch ViTs, comma separated")
