@@ -18,8 +18,8 @@ way. Each run's model and overrides come from its ``config.json`` (``model.name`
 Outputs in ``--outdir``: speed_accuracy.png (matplotlib Agg), speed_accuracy.json and
 speed_accuracy.md (the table).
 
-    python experiments/speed_accuracy.py --workdir /work/runs/flexivit_digits \\
-        --baseline_workdir /work/runs/vit_digits --resolution 48 --batch_size 64 \\
+    python experiments/speed_accuracy.py --workdir workdirs/flexivit_digits \\
+        --baseline_workdir workdirs/vit_digits --resolution 48 --batch_size 64 \\
         --outdir docs/figures
 """
 
