@@ -54,10 +54,14 @@ TINY_CONFIGS = {
 
 
 def registered_families() -> list[str]:
-    """Every architecture family with at least one registered model."""
-    from flexvision.registry import model_family
+    """Every architecture family flexvision ships (flexvision/models/*.py) with at least one
+    registered model. Families registered by other code (user models, test doubles) are left
+    out: they have no tiny configuration here."""
+    from flexvision import registry
 
-    return sorted({model_family(name) for name in flexvision.list_models()})
+    entries = [registry.resolve(name)[0] for name in registry.list_models()]
+    return sorted({entry.family for entry in entries
+                   if getattr(entry.builder, "__module__", "").startswith("flexvision.models.")})
 
 
 def tiny_model(family: str):
