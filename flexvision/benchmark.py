@@ -406,47 +406,12 @@ class Workload:
         return {"params": params, "opt_state": opt_state, "extra": extra}, loss
 
 
-def _like(template: Any, value: Any) -> Any:
-    """``value`` (parsed from JSON) in the form of ``template``: a dict or list becomes the
-    dataclass ``template`` is an instance of, a list becomes a tuple where ``template`` is one
-    (element by element against its first entry)."""
-    if dataclasses.is_dataclass(template) and not isinstance(template, type):
-        if isinstance(value, dict):
-            return type(template)(**{k: _like(getattr(template, k, None), v)
-                                     for k, v in value.items()})
-        if isinstance(value, (list, tuple)):
-            names = [f.name for f in dataclasses.fields(template)]
-            return type(template)(*(_like(getattr(template, n), v) for n, v in zip(names, value)))
-        return value
-    if isinstance(template, tuple) and isinstance(value, list):
-        element = template[0] if template else None
-        return tuple(_like(element, v) for v in value)
-    return value
-
-
-def coerce_overrides(name: str, overrides: dict | None) -> dict:
-    """Model overrides given as JSON (``--overrides``), in the types the model's fields hold.
-
-    JSON has no tuples and no dataclasses; a field whose registered value is a tuple of
-    dataclasses (HRNet's ``stages``: ``StageSpec``) takes a list of dicts or of positional
-    lists, e.g. ``{"stages": [[1, "bottleneck", [1], [8]], [1, "basic", [1, 1], [8, 16]]]}``.
-    Values that are already of the field's type pass unchanged."""
-    if not overrides:
-        return {}
-    entry, implied = registry.resolve(name)
-    defaults = {**{f.name: f.default for f in dataclasses.fields(entry.builder)
-                   if dataclasses.is_dataclass(entry.builder)
-                   and f.default is not dataclasses.MISSING},
-                **entry.defaults, **implied}
-    return {key: _like(defaults.get(key), value) for key, value in overrides.items()}
-
-
 def build_workload(name: str, *, resolution: tuple[int, int], patch_size: int | None,
                    dtype: str, optimizer: str, overrides: dict | None = None,
                    seed: int = 0) -> Workload:
     """Creates registered model ``name`` and its float32 variables for one input size;
-    ``overrides`` may come from JSON (:func:`coerce_overrides`)."""
-    model = flexvision.create_model(name, dtype=DTYPES[dtype], **coerce_overrides(name, overrides))
+    ``overrides`` may come from JSON (``create_model`` puts them in the fields' types)."""
+    model = flexvision.create_model(name, dtype=DTYPES[dtype], **(overrides or {}))
     patch_kwargs = {}
     if takes_patch_size(model) and patch_size is not None:
         patch_kwargs = {"patch_size": int(patch_size)}

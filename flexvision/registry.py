@@ -90,10 +90,51 @@ def resolve(name: str) -> tuple[ModelEntry, dict[str, Any]]:
         f"{len(_REGISTRY)} registered names (timm-style, e.g. 'flexivit_small').")
 
 
+def _in_type_of(template: Any, value: Any) -> Any:
+    """``value`` in the form of ``template``: a dict or list becomes the dataclass ``template``
+    is an instance of, a list becomes a tuple where ``template`` is one (element by element
+    against its first entry); anything else passes unchanged."""
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        if isinstance(value, dict):
+            return type(template)(**{k: _in_type_of(getattr(template, k, None), v)
+                                     for k, v in value.items()})
+        if isinstance(value, (list, tuple)):
+            names = [f.name for f in dataclasses.fields(template)]
+            return type(template)(*(_in_type_of(getattr(template, n), v)
+                                    for n, v in zip(names, value)))
+        return value
+    if isinstance(template, tuple) and isinstance(value, list):
+        element = template[0] if template else None
+        return tuple(_in_type_of(element, v) for v in value)
+    return value
+
+
+def coerce_overrides(name: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Model overrides in the types the model's fields hold, for options that came through
+    JSON (``--overrides``, a workdir's config.json), which has no tuples and no dataclasses.
+
+    A field whose default is a tuple of dataclasses (HRNet's ``stages``: ``StageSpec``) takes a
+    list of dicts or of positional lists, e.g. ``{"stages": [[1, "bottleneck", [1], [8]]]}``.
+    Values already of the field's type pass unchanged."""
+    if not overrides:
+        return {}
+    return _in_field_types(*resolve(name), overrides)
+
+
+def _in_field_types(entry: ModelEntry, implied: Mapping[str, Any],
+                    overrides: Mapping[str, Any]) -> dict[str, Any]:
+    defaults = {**{f.name: f.default for f in dataclasses.fields(entry.builder)
+                   if dataclasses.is_dataclass(entry.builder)
+                   and f.default is not dataclasses.MISSING},
+                **entry.defaults, **implied}
+    return {key: _in_type_of(defaults.get(key), value) for key, value in overrides.items()}
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Builds the registered model ``name``; keyword overrides replace its default fields."""
+    """Builds the registered model ``name``; keyword overrides replace its default fields
+    (JSON-shaped values are put in the fields' types first: :func:`coerce_overrides`)."""
     entry, implied = resolve(name)
-    kwargs = {**entry.defaults, **implied, **overrides}
+    kwargs = {**entry.defaults, **implied, **_in_field_types(entry, implied, overrides)}
     try:
         return entry.builder(**kwargs)
     except TypeError as err:

@@ -118,17 +118,18 @@ def test_benchmark_runs_every_family_and_writes_valid_json(case, tmp_path, capsy
 
 def test_json_overrides_take_the_fields_types():
     from flexvision.models.hrnet import StageSpec
+    from flexvision.registry import coerce_overrides
 
-    overrides = benchmark.coerce_overrides("hrnet_w18_small", TINY["hrnet"][1])
+    overrides = coerce_overrides("hrnet_w18_small", TINY["hrnet"][1])
     assert overrides["stages"] == (StageSpec(1, "bottleneck", (1,), (8,)),
                                    StageSpec(1, "basic", (1, 1), (8, 16)))
     assert overrides["stem_width"] == 8
-    mvit = benchmark.coerce_overrides("mvitv2_tiny", {"stride_q": [[1, 1], [2, 2]], "depths": [1, 1]})
+    mvit = coerce_overrides("mvitv2_tiny", {"stride_q": [[1, 1], [2, 2]], "depths": [1, 1]})
     assert mvit == {"stride_q": ((1, 1), (2, 2)), "depths": (1, 1)}
-    by_name = benchmark.coerce_overrides("hrnet_w18_small", {"stages": [
+    by_name = coerce_overrides("hrnet_w18_small", {"stages": [
         {"num_modules": 1, "block": "bottleneck", "num_blocks": [1], "num_channels": [8]}]})
     assert by_name["stages"] == (StageSpec(1, "bottleneck", (1,), (8,)),)
-    assert benchmark.coerce_overrides("vit_micro", None) == {}
+    assert coerce_overrides("vit_micro", None) == {}
 
 
 def test_compiler_options_ab_in_one_process(tmp_path, capsys):
