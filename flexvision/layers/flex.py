@@ -264,15 +264,17 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
     return x
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Array:
     """Bilinear resize of NHWC ``x`` to spatial ``size``: torch ``F.interpolate(mode="bilinear",
-    align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices."""
+    align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices
+    (``precision``: that of the matmuls, e.g. HIGHEST for parameters such as position
+    embeddings)."""
     (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
     if (in_h, in_w) == (out_h, out_w):
         return x
     rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
     cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
-    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x, precision=precision)
 
 
 def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:

@@ -30,7 +30,7 @@ import numpy as np
 
 from flexvision.layers.attention import decomposed_rel_pos_bias, dot_product_attention
 from flexvision.layers.common import conv, dense, layer_norm, param_init
-from flexvision.layers.flex import resize_matrix_1d
+from flexvision.layers.flex import resize_bilinear
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp
 from flexvision.registry import register_model
@@ -448,11 +448,9 @@ def resample_abs_pos_embed(pos_embed: jax.Array, ref_grid: Size, grid: Size, pre
     if tuple(grid) == tuple(ref_grid):
         return pos_embed
     prefix_part, spatial = pos_embed[:, :prefix], pos_embed[:, prefix:]
-    spatial = spatial.reshape(ref_grid[0], ref_grid[1], -1).astype(jnp.float32)
-    rows = jnp.asarray(resize_matrix_1d(ref_grid[0], grid[0], "torch_bilinear"), jnp.float32)
-    cols = jnp.asarray(resize_matrix_1d(ref_grid[1], grid[1], "torch_bilinear"), jnp.float32)
-    spatial = jnp.einsum("yh,xw,hwc->yxc", rows, cols, spatial,
-                         precision=jax.lax.Precision.HIGHEST).astype(pos_embed.dtype)
+    spatial = spatial.reshape(1, ref_grid[0], ref_grid[1], -1).astype(jnp.float32)
+    spatial = resize_bilinear(spatial, grid, precision=jax.lax.Precision.HIGHEST
+                              ).astype(pos_embed.dtype)
     return jnp.concatenate([prefix_part, spatial.reshape(1, grid[0] * grid[1], -1)], axis=1)
 
 
