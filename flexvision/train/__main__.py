@@ -25,7 +25,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter off the console
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
 
     distributed.initialize(config=_CONFIG.value)
     from flexvision.train.trainer import Preempted, train_and_evaluate
