@@ -25,6 +25,7 @@ RUNTIME_REQUIREMENTS = [
 TEST_REQUIREMENTS = [
     "pytest>=8",
     "pytest-xdist>=3.5",
+    "filelock>=3.12",  # tests/conftest.py: one trained workdir shared by the xdist workers
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
@@ -44,7 +45,7 @@ setup(
         "console_scripts": [
             "flexvision-train=flexvision.train.__main__:run",
             "flexvision-evaluate=flexvision.evaluate:run",
-            "flexvision-benchmark=flexvision.benchmark:run",
+            "flexvision-benchmark=flexvision.benchmark.cli:run",
         ]
     },
 )
