@@ -305,3 +305,26 @@ def test_heads_major_attention_equals_jax_nn(dtype):
         tol = 1e-6 if dtype == jnp.float32 else 2e-2
         np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
                                    atol=tol, rtol=tol)
+
+
+def test_each_result_is_printed_and_saved_as_soon_as_measured(tmp_path, capsys, monkeypatch):
+    from flexvision.benchmark import cli
+
+    measure = cli.benchmark_config
+
+    def cut_short_at_the_second_model(name, **kwargs):
+        if name == "toy_batchnorm":
+            raise KeyboardInterrupt  # what a time limit does to a run
+        return measure(name, **kwargs)
+
+    monkeypatch.setattr(cli, "benchmark_config", cut_short_at_the_second_model)
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--import_modules", TOY, "--models", "toy_flex_patch,toy_batchnorm",
+                  "--batch_size", "2", "--resolutions", "16", "--repeats", "1", "--warmup", "1",
+                  "--min_time", "0.001", "--matmul_size", "64", "--no_train",
+                  "--json", str(path)])
+    (result,) = json.loads(path.read_text())["results"]
+    assert result["model"] == "toy_flex_patch" and result["inference"]["images_per_s"]["median"] > 0
+    printed = capsys.readouterr().out
+    assert "toy_flex_patch" in printed and "img/s median [min-max]" in printed
