@@ -111,7 +111,7 @@ def stardist_nuclei() -> tuple[np.ndarray, np.ndarray]:
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise ValueError(f"stardist {dist.version} is installed but lacks {missing}; install a "
-                         f"version that ships them (0.8 or later)")
+                         f"version that ships them (0.9.2 does)")
     image, labels = tifffile.imread(paths["image"]), tifffile.imread(paths["labels"])
     if image.shape != labels.shape or image.ndim != 2:
         raise ValueError(f"unexpected stardist data: image {image.shape}, labels {labels.shape}")
