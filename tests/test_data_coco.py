@@ -202,3 +202,16 @@ def test_boxes_from_masks_and_label_maps():
     np.testing.assert_array_equal(mask_utils.toBbox(rle), coco.xyxy_to_xywh(boxes))
     with pytest.raises(ValueError, match="2-D integer"):
         coco.instances_from_label_map(label_map.astype(float))
+
+
+def test_crowd_regions_are_ignored_not_matched():
+    gt = _gt([(5, 5, 15, 15), (30, 10, 50, 30)], [0, 0], is_crowd=np.array([False, True]))
+    on_crowd = _pred([(5, 5, 15, 15), (32, 12, 48, 28)], [0.5, 0.9], [0, 0])
+    alone = _pred([(5, 5, 15, 15)], [0.5], [0])
+    # a detection inside a crowd region is neither a true nor a false positive
+    assert coco.coco_metrics([gt], [on_crowd], NAMES) == coco.coco_metrics([gt], [alone], NAMES)
+    assert coco.coco_metrics([gt], [alone], NAMES)["mask/AP"] == pytest.approx(1.0)
+    no_masks = {k: v for k, v in alone.items() if k != "masks"}
+    assert "mask/AP" not in coco.coco_metrics([gt], [no_masks], NAMES)
+    with pytest.raises(ValueError, match=r"predictions \[1\] have no 'masks'"):
+        coco.coco_metrics([gt, gt], [alone, no_masks], NAMES)

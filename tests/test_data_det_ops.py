@@ -96,6 +96,19 @@ def test_scale_jitter_upscale_matches_pixel_repetition_of_masks():
     np.testing.assert_array_equal(out["boxes"], plain["boxes"] * 2)
 
 
+def test_resize_fits_the_size_keeping_the_aspect_ratio():
+    plain = _run("det_instances")
+    up = _run("det_instances|det_resize((96, 200))")  # x2, limited by the height
+    np.testing.assert_array_equal(up["masks"], plain["masks"].repeat(2, 1).repeat(2, 2))
+    np.testing.assert_array_equal(up["boxes"], plain["boxes"] * 2)
+    assert up["image"].shape == (96, 128, 3)
+    down = _run("det_instances|det_resize((100, 32))")  # x1/2, limited by the width
+    assert down["image"].shape == (24, 32, 3)
+    _assert_consistent(down)
+    assert len(down["boxes"]) == 3  # the single-pixel instance does not survive halving
+    np.testing.assert_array_equal(down["labels"], [0, 1, 1])
+
+
 def test_pad_gives_static_shapes_and_validity():
     out = _run("det_instances|det_flip_lr|det_pad((56, 72), 6)", seed=(5, 5))
     assert out["image"].shape == (56, 72, 3) and out["masks"].shape == (6, 56, 72)
@@ -118,8 +131,8 @@ def test_image_without_instances_through_every_op():
              "objects": {"box": tf.zeros((0, 4)), "label": tf.zeros((0,), tf.int64),
                          "mask": tf.zeros((0, 0, 0, 1), tf.uint8),  # as TFDS decodes it
                          "is_crowd": tf.zeros((0,), tf.bool)}}
-    out = _run("det_instances|det_flip_lr|det_flip_ud|det_scale_jitter(32, 0.5, 1.5)|"
-               "det_pad(32, 4)", data=empty)
+    out = _run("det_instances|det_flip_lr|det_flip_ud|det_resize(40)|"
+               "det_scale_jitter(32, 0.5, 1.5)|det_pad(32, 4)", data=empty)
     assert out["masks"].shape == (4, 32, 32) and not out["valid"].any()
 
 

@@ -66,6 +66,25 @@ def test_nuclei_split_is_spatial_and_disjoint(data_dir, source):
     assert builder.info.features["objects"]["label"].names == ["nucleus"]
 
 
+def test_nuclei_through_the_pipelines_into_coco_metrics(data_dir):
+    config = ml_collections.ConfigDict(dict(
+        name="nuclei", data_dir=data_dir, split="train", batch_size=4, shuffle_buffer=35,
+        pp="decode(3)|det_instances|det_flip_lr|det_flip_ud|det_scale_jitter(160, 0.5, 2.0)|"
+           "det_pad(160, 64)|value_range(-1, 1)"))
+    batch = next(pipeline.train_dataset(config, seed=0).as_numpy_iterator())
+    assert batch["image"].shape == (4, 160, 160, 3) and batch["masks"].shape == (4, 64, 160, 160)
+    assert batch["valid"].any(axis=1).all()
+    batches = list(pipeline.eval_batches(config, "decode|det_instances|det_pad((128, 512), 48)",
+                                         "test", 2))
+    assert len(batches) == 1 and batches[0]["_mask"].tolist() == [1, 0]
+    keys = ("boxes", "labels", "masks", "valid", "image_size", "is_crowd")
+    gt = [{k: batches[0][k][0] for k in keys}]
+    assert gt[0]["valid"].sum() == 36 and gt[0]["image_size"].tolist() == [128, 512]
+    perfect = [dict(gt[0], scores=np.linspace(1, 0.1, 48))]
+    metrics = coco.coco_metrics(gt, perfect, ["nucleus"])
+    assert metrics["mask/AP"] == pytest.approx(1.0) and metrics["box/AP"] == pytest.approx(1.0)
+
+
 def test_nuclei_config_errors():
     with pytest.raises(ValueError, match="eval_rows must be in"):
         instances.nuclei_crops(instances.InstancesConfig(name="x", eval_rows=512), 512, 512)

@@ -331,12 +331,13 @@ def coco_metrics(ground_truth: Sequence[Mapping[str, Any]],
 
     Returns:
       ``{"box/AP", "box/AP50", "box/AP75", "box/APs", "box/APm", "box/APl"}`` and the same for
-      ``mask/`` (when every prediction dict has masks), floats in [0, 1]; the area-range APs are
+      ``mask/`` (when the predictions have masks), floats in [0, 1]; the area-range APs are
       -1 where no ground truth falls in that range (COCOeval's convention). With no prediction
       at all every AP is 0.
 
     Raises:
-      ValueError: on mismatched lengths, no ground-truth instance at all, labels outside
+      ValueError: on mismatched lengths, masks for some images only, no ground-truth
+        instance at all, labels outside
         ``class_names``, ground-truth boxes with nothing inside the image, or ground-truth
         masks that are empty (see the module docstring).
     """
@@ -348,6 +349,11 @@ def coco_metrics(ground_truth: Sequence[Mapping[str, Any]],
                          f"arrays for no detection)")
     if not class_names:
         raise ValueError("class_names must name at least one class")
+    with_masks = ["masks" in pred for pred in predictions]
+    if any(with_masks) and not all(with_masks):
+        raise ValueError(f"predictions {[i for i, m in enumerate(with_masks) if not m]} have no "
+                         f"'masks' while others do; give masks for every image (an empty "
+                         f"[0, H, W] array where nothing is detected) or for none")
     dataset = _coco_ground_truth(ground_truth, class_names)
     if not dataset["annotations"]:
         raise ValueError("the ground truth has no instance at all: COCO AP is undefined; "
@@ -360,7 +366,7 @@ def coco_metrics(ground_truth: Sequence[Mapping[str, Any]],
                                                   len(class_names), mask_threshold)
     metrics = {f"box/{k}": v for k, v in _evaluate(coco_gt, box_results, "bbox",
                                                    max_detections).items()}
-    if all("masks" in pred for pred in predictions):
+    if all(with_masks):
         metrics.update({f"mask/{k}": v for k, v in _evaluate(coco_gt, mask_results, "segm",
                                                              max_detections).items()})
     return metrics

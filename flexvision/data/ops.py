@@ -416,6 +416,39 @@ def get_det_flip_ud():
     return _flip(1, "det_flip_ud")
 
 
+def _fit_size(data: dict, target_h: int, target_w: int, scale) -> tf.Tensor:
+    """(H', W') = round((H, W) * scale * min(H_t / H, W_t / W)), at least 1."""
+    h = tf.cast(tf.shape(data["image"])[0], tf.float32)
+    w = tf.cast(tf.shape(data["image"])[1], tf.float32)
+    factor = tf.minimum(target_h / h, target_w / w) * scale
+    return tf.maximum(1, tf.cast(tf.round(tf.stack([h, w]) * factor), tf.int32))
+
+
+def _resize_instances(data: dict, new_size: tf.Tensor, method: str) -> dict:
+    """Resizes the image (``method``, antialiased) and masks (bilinear, binarised at 1/2) to
+    ``new_size``; boxes become the masks' tight boxes; emptied instances are dropped."""
+    data["image"] = _resize(data["image"], new_size, method)
+    masks = tf.image.resize(tf.cast(data["masks"][..., None], tf.float32), new_size,
+                            method="bilinear")[..., 0]
+    data["masks"] = tf.cast(masks >= 0.5, tf.uint8)
+    data["boxes"] = _tight_boxes(data["masks"])
+    return _drop_empty(data)
+
+
+@register_op("det_resize")
+def get_det_resize(size, method: str = "bilinear"):
+    """Resizes image and instances to the largest size within ``size`` keeping the aspect
+    ratio (deterministic, e.g. for evaluation). Masks are resized bilinearly and binarised at
+    1/2, boxes recomputed as their tight boxes, instances left without pixels dropped."""
+    target_h, target_w = _pair(size)
+    method = _check_method(method)
+
+    def _op(data):
+        _check_instances(data, "det_resize")
+        return _resize_instances(data, _fit_size(data, target_h, target_w, 1.0), method)
+    return _op
+
+
 @register_op("det_scale_jitter")
 def get_det_scale_jitter(size, min_scale: float = 0.5, max_scale: float = 2.0,
                          method: str = "bilinear"):
@@ -434,24 +467,18 @@ def get_det_scale_jitter(size, min_scale: float = 0.5, max_scale: float = 2.0,
 
     def _op(data):
         _check_instances(data, "det_scale_jitter")
-        image, masks = data["image"], data["masks"]
-        h, w = tf.shape(image)[0], tf.shape(image)[1]
         scale = tf.random.stateless_uniform([], seed=_split_rng(data), minval=min_scale,
                                             maxval=max_scale)
-        fit = tf.minimum(target_h / tf.cast(h, tf.float32), target_w / tf.cast(w, tf.float32))
-        new_h = tf.maximum(1, tf.cast(tf.round(tf.cast(h, tf.float32) * fit * scale), tf.int32))
-        new_w = tf.maximum(1, tf.cast(tf.round(tf.cast(w, tf.float32) * fit * scale), tf.int32))
-        new_size = tf.stack([new_h, new_w])
-        image = _resize(image, new_size, method)
-        masks = tf.image.resize(tf.cast(masks[..., None], tf.float32), new_size,
-                                method="bilinear")[..., 0] >= 0.5
+        new_size = _fit_size(data, target_h, target_w, scale)
+        new_h, new_w = new_size[0], new_size[1]
         crop_h, crop_w = tf.minimum(new_h, target_h), tf.minimum(new_w, target_w)
         offset = tf.random.stateless_uniform([2], seed=_split_rng(data))
         top = tf.cast(offset[0] * tf.cast(new_h - crop_h + 1, tf.float32), tf.int32)
         left = tf.cast(offset[1] * tf.cast(new_w - crop_w + 1, tf.float32), tf.int32)
         top, left = tf.minimum(top, new_h - crop_h), tf.minimum(left, new_w - crop_w)
-        data["image"] = image[top:top + crop_h, left:left + crop_w]
-        data["masks"] = tf.cast(masks[:, top:top + crop_h, left:left + crop_w], tf.uint8)
+        data = _resize_instances(data, new_size, method)
+        data["image"] = data["image"][top:top + crop_h, left:left + crop_w]
+        data["masks"] = data["masks"][:, top:top + crop_h, left:left + crop_w]
         data["boxes"] = _tight_boxes(data["masks"])
         return _drop_empty(data)
     return _op
