@@ -193,12 +193,13 @@ def test_coco_bad_inputs(tmp_path, coco_files):
     bad = json.loads(json.dumps(dataset))
     bad["annotations"][0]["bbox"] = [500, 500, 10, 10]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
+    _, records = coco.read_coco(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="with nothing inside the 128x96 image"):
-        coco.read_coco(str(tmp_path / "bad.json"))
+        list(records)
     partly = json.loads(json.dumps(dataset))
     partly["annotations"][0]["bbox"] = [120, 90, 30, 30]
     (tmp_path / "partly.json").write_text(json.dumps(partly))
-    _, records = coco.read_coco(str(tmp_path / "partly.json"))
+    records = list(coco.read_coco(str(tmp_path / "partly.json"))[1])
     np.testing.assert_array_equal(records[0]["boxes"][0], [120, 90, 128, 96])  # clipped
     with pytest.raises(ValueError, match="do.*not exist"):
         instances.coco_config("x", str(tmp_path / "nowhere"), {"train": path})
@@ -214,6 +215,7 @@ def test_write_coco_round_trips(tmp_path, source):
                   is_crowd=np.zeros(len(boxes), bool))
     coco.write_coco(str(tmp_path / "out.json"), [record], ["nucleus"])
     names, records = coco.read_coco(str(tmp_path / "out.json"))
+    records = list(records)
     assert names == ["nucleus"] and records[0]["file_name"] == "a.png"
     np.testing.assert_array_equal(records[0]["masks"], masks)
     np.testing.assert_array_equal(records[0]["boxes"], boxes)

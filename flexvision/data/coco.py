@@ -33,7 +33,7 @@ import contextlib
 import io
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -100,7 +100,7 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- reading COCO files
 
 def read_coco(annotation_file: str, class_names: Sequence[str] | None = None,
-              ) -> tuple[list[str], list[dict[str, Any]]]:
+              ) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Reads a COCO instances json into per-image records with decoded masks.
 
     Args:
@@ -110,10 +110,12 @@ def read_coco(annotation_file: str, class_names: Sequence[str] | None = None,
         of the file, ordered by category id.
 
     Returns:
-      ``(class_names, records)``; one record per image, in file order: ``{"id": int,
-      "file_name": str, "height": int, "width": int, "boxes": [N, 4] float32 (x1, y1, x2, y2,
-      clipped to the image), "labels": [N] int64, "masks": [N, H, W] bool, "is_crowd": [N]
-      bool}``. Images without annotations are kept (N = 0).
+      ``(class_names, records)``: ``records`` iterates over the images in file order, decoding
+      one image's masks at a time, each as ``{"id": int, "file_name": str, "height": int,
+      "width": int, "boxes": [N, 4] float32 (x1, y1, x2, y2, clipped to the image), "labels":
+      [N] int64, "masks": [N, H, W] bool, "is_crowd": [N] bool}``. Images without annotations
+      are kept (N = 0). Categories and image references are checked before returning, boxes
+      while iterating.
 
     Raises:
       ValueError: a category unknown to ``class_names``, a box with nothing inside its image,
@@ -145,8 +147,12 @@ def read_coco(annotation_file: str, class_names: Sequence[str] | None = None,
                 f"{annotation_file}: annotation {ann.get('id')} has category_id "
                 f"{ann['category_id']} ({known!r}), which the config does not know; its classes "
                 f"are {class_names}. Add the category to class_names or remove its annotations.")
+    return class_names, _image_records(coco, label_of, annotation_file)
 
-    records, dropped = [], 0
+
+def _image_records(coco, label_of: dict[int, int], annotation_file: str) -> Iterator[dict]:
+    """Yields read_coco's per-image records, decoding masks one image at a time."""
+    dropped = 0
     for image in coco.dataset.get("images", []):
         h, w = int(image["height"]), int(image["width"])
         boxes, labels, masks, crowd = [], [], [], []
@@ -166,17 +172,16 @@ def read_coco(annotation_file: str, class_names: Sequence[str] | None = None,
             labels.append(label_of[ann["category_id"]])
             masks.append(mask)
             crowd.append(bool(ann.get("iscrowd", 0)))
-        records.append({
+        yield {
             "id": int(image["id"]), "file_name": image["file_name"], "height": h, "width": w,
             "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
             "labels": np.asarray(labels, np.int64),
             "masks": np.asarray(masks, bool).reshape(-1, h, w),
             "is_crowd": np.asarray(crowd, bool),
-        })
+        }
     if dropped:
         logging.warning("%s: dropped %d annotation(s) whose segmentation covers no pixel",
                         annotation_file, dropped)
-    return class_names, records
 
 
 def write_coco(path: str, records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
