@@ -17,8 +17,8 @@ import numpy as np
 def instance_colors(n: int, seed: int = 0) -> np.ndarray:
     """``n`` distinct saturated RGB colours, uint8 ``[n, 3]`` (golden-ratio hue steps)."""
     hues = (seed * 0.137 + np.arange(n) * 0.618033988749895) % 1.0
-    return np.asarray([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]).reshape(n, 3) \
-        .__mul__(255).round().astype(np.uint8)
+    rgb = np.asarray([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]).reshape(n, 3)
+    return np.round(rgb * 255).astype(np.uint8)
 
 
 def outlines(masks: np.ndarray) -> np.ndarray:
