@@ -7,12 +7,19 @@ For each configuration (model x resolution x patch size) it measures, in one pro
 * steady inference and train-step throughput in images/s: after warm-up, ``repeats`` timed runs,
   each of enough back-to-back calls to last ``min_time`` seconds, every run ended with
   ``block_until_ready``; the median run is reported with the min and max (the spread);
-* the FLOPs of one call from XLA's own cost analysis (``compiled.cost_analysis()["flops"]``) and
-  the FLOP/s achieved at the median speed;
+* the FLOPs of one call, three ways (``flexvision.benchmark.flops``; a multiply-add is 2 FLOPs,
+  contractions only): analytic from the config (ViT family), the lowered StableHLO's
+  dot_general/convolution ops (what a backend library cannot hide), XLA's compiled cost analysis;
+  the one used for FLOP/s is XLA's unless it is <= 0 or absurdly low (GPU custom calls), then
+  the lowered count, and the table says which;
 * peak memory: the executable's live buffers from ``compiled.memory_analysis()`` (arguments +
   outputs + temporaries - donated aliases) and, where the device reports it, its peak bytes in use;
 * the machine's own matmul FLOP/s (a large ``jnp.dot``, same timing method) in float32 and in the
-  chosen dtype, and each model's utilization of it.
+  chosen dtype, and each model's utilization of it and of the device's datasheet peak
+  (``flops.DATASHEET_PEAKS``; 'n/a' for an unknown device such as any CPU): a negative or absurd
+  utilization is never printed ('n/a');
+* the attention implementation each model's attention calls chose (``xla`` or ``cudnn``,
+  ``flexvision.layers.attention.attention_implementation``).
 
 The train step is the trainer's: ``flexvision.engine.step.make_train_step`` (forward in train
 mode, softmax cross-entropy, backward, the optimizer update) with the optimizer from the
@@ -223,12 +230,21 @@ def _fmt_rate(rate: dict | None, scale: float = 1.0, digits: int = 1) -> str:
             f"[{rate['min'] / scale:.{digits}f}-{rate['max'] / scale:.{digits}f}]")
 
 
+def _percent(fraction: float | None) -> str:
+    """'37%', or 'n/a' where the figure is unknown or was refused as absurd
+    (``flops.utilization``: a negative or > 1.5x fraction is never printed)."""
+    if fraction is None or not 0 < fraction <= 1.5:
+        return "n/a"
+    return f"{100 * fraction:.0f}%"
+
+
 def format_table(results: list[dict], matmul: dict[str, dict], header: bool = True) -> str:
     """A plain-text table: one row per configuration and phase (columns sized to fit, so rows
     printed one configuration at a time align only roughly); ``header=False`` leaves out the
     column titles."""
     titles = ("model", "res", "patch", "dtype", "phase", "compile s", "img/s median [min-max]",
-              "GFLOP/img", "GFLOP/s", "util", "util (interleaved)", "peak MiB")
+              "GFLOP/img", "counted by", "analytic/lowered/xla GFLOP/img", "GFLOP/s",
+              "util matmul", "util (interleaved)", "util datasheet", "attention", "peak MiB")
     rows = [titles]
     for r in results:
         for phase in ("inference", "train"):
@@ -236,14 +252,20 @@ def format_table(results: list[dict], matmul: dict[str, dict], header: bool = Tr
             if not p:
                 continue
             gflop = p["flops"] / r["batch_size"] / 1e9 if p["flops"] else None
+            counts = p.get("flop_counts", {})
+            per_image = "/".join(f"{counts[k] / r['batch_size'] / 1e9:.4g}"
+                                 if counts.get(k) and counts[k] > 0 else
+                                 (f"{counts[k]:.3g}" if counts.get(k) is not None else "-")
+                                 for k in ("analytic", "lowered", "xla"))
             rows.append((
                 r["model"], "x".join(map(str, r["resolution"])), str(r["patch_size"] or "-"),
                 r["dtype"], phase, f"{p['compile_s']:.1f}", _fmt_rate(p["images_per_s"]),
-                f"{gflop:.4g}" if gflop is not None else "-",
+                f"{gflop:.4g}" if gflop is not None else "-", counts.get("used", "xla"),
+                per_image,
                 f"{p['flops_per_s']['median'] / 1e9:.1f}" if p["flops_per_s"] else "-",
-                f"{100 * p['utilization']:.0f}%" if "utilization" in p else "-",
-                f"{100 * p['utilization_interleaved']:.0f}%" if "utilization_interleaved" in p
-                else "-",
+                _percent(p.get("utilization")), _percent(p.get("utilization_interleaved")),
+                _percent(p.get("utilization_datasheet")),
+                ",".join(r.get("attention", [])) or "-",
                 f"{p['memory']['peak_bytes'] / 2**20:.1f}" if p["memory"]["peak_bytes"] else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(titles))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

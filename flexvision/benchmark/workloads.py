@@ -18,6 +18,7 @@ import optax
 import flexvision
 from flexvision import registry
 from flexvision.benchmark.analysis import memory_summary, profile_calls, xla_flops
+from flexvision.benchmark.flops import analytic_flops, choose_flops, datasheet_peak, utilization
 from flexvision.benchmark.timing import (CompileEvents, Timing, compile_timed, device_peak_bytes,
                                          matmul_reference, time_calls, time_interleaved)
 from flexvision.engine import optim, patch_schedule
@@ -169,8 +170,10 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
                                           compiler_options=compiler_options)
         timing, ref_timing = _timed(lambda: compiled(work.variables, images), reference,
                                     warmup=warmup, repeats=repeats, min_time=min_time)
-        result["inference"] = _phase_report(compiled, seconds, timing, batch_size, reference,
-                                            ref_timing)
+        result["inference"] = _phase_report(
+            compiled, seconds, timing, batch_size, reference, ref_timing,
+            analytic=analytic_flops(result["family"], work.model, resolution, batch_size,
+                                    work.patch_size), dtype=dtype)
         if profile:
             result["inference"]["profile"] = profile_calls(
                 compiled, lambda: compiled(work.variables, images))
@@ -187,7 +190,7 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         timing, ref_timing = _timed(call, reference, warmup=warmup, repeats=repeats,
                                     min_time=min_time)
         result["train"] = _phase_report(compiled, seconds, timing, batch_size, reference,
-                                        ref_timing)
+                                        ref_timing, dtype=dtype)
         if profile:
             result["train"]["profile"] = profile_calls(compiled, call)
     result["device_peak_bytes"] = device_peak_bytes()
@@ -295,16 +298,29 @@ def _timed(call, reference, **kwargs) -> tuple[Timing, Timing | None]:
 
 
 def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int,
-                  reference=None, reference_timing: Timing | None = None) -> dict[str, Any]:
-    flops = xla_flops(compiled)
+                  reference=None, reference_timing: Timing | None = None, *,
+                  analytic: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Timing, FLOPs and utilisation of one phase. ``flop_counts`` holds the three counts
+    (analytic from the config where the family has a formula, lowered StableHLO, XLA's compiled
+    cost analysis) and which one ``flops`` is (``flops.choose_flops``); utilisation is against the
+    device's datasheet peak for ``dtype`` (None off the table, e.g. every CPU) and, with a
+    reference, the matmul timed interleaved; an absurd fraction is None (``flops.utilization``)."""
+    seconds = dict(seconds)
+    lowered = seconds.pop("lowered_flops", None)
+    xla = xla_flops(compiled)
+    flops, used = choose_flops(xla, lowered)
+    rates = timing.per_second(flops) if flops else None
+    peak = datasheet_peak(jax.devices()[0].device_kind, dtype)
     report = {**seconds, "images_per_s": timing.per_second(batch_size),
               "seconds_per_step": dataclasses.asdict(timing), "flops": flops,
-              "flops_per_s": timing.per_second(flops) if flops else None,
-              "memory": memory_summary(compiled)}
+              "flop_counts": {"analytic": analytic, "lowered": lowered, "xla": xla, "used": used},
+              "flops_per_s": rates, "memory": memory_summary(compiled),
+              "datasheet_peak_flops_per_s": peak,
+              "utilization_datasheet": utilization(rates and rates["median"], peak)[0]}
     if reference_timing is not None and flops:
         report["reference_matmul_flops_per_s"] = reference_timing.per_second(reference[1])
-        report["utilization_interleaved"] = (report["flops_per_s"]["median"]
-                                             / report["reference_matmul_flops_per_s"]["median"])
+        report["utilization_interleaved"] = utilization(
+            rates["median"], report["reference_matmul_flops_per_s"]["median"])[0]
     return report
 
 
@@ -314,8 +330,8 @@ def add_utilization(result: dict, matmul: dict[str, dict]) -> None:
     for phase in ("inference", "train"):
         report = result.get(phase)
         if report and report["flops_per_s"] and reference:
-            report["utilization"] = (report["flops_per_s"]["median"]
-                                     / reference["flops_per_s"]["median"])
+            report["utilization"] = utilization(report["flops_per_s"]["median"],
+                                                reference["flops_per_s"]["median"])[0]
 
 
 def draw_patch_size(seed: int, step: int, patch_sizes: Sequence[int]) -> int:

@@ -1,16 +1,29 @@
 """Multi-head attention on top of ``jax.nn.dot_product_attention``, and relative-position helpers
 (index tables and bias assembly; the tables' resizing lives in flexvision/layers/flex.py).
 
-Every attention in flexvision goes through :func:`dot_product_attention` below. On GPU it calls
-``jax.nn.dot_product_attention`` with ``implementation=None``, which is XLA's own path (jax's
-source: "defaults to XLA for now"), not the fused cuDNN kernel: that one needs an explicit
-``implementation="cudnn"`` and fp16/bf16 inputs, and flexvision does not request it. Elsewhere it
-uses :func:`heads_major_attention`, the same math in a layout XLA's CPU backend runs faster.
+Every attention in flexvision goes through :func:`dot_product_attention` below, which chooses the
+implementation once per static shape (:func:`attention_implementation`, cached, logged once):
+
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
+  attention, on an NVIDIA GPU wherever the kernel takes the call;
+* ``xla``: elsewhere; on GPU jax.nn's own XLA path, on CPU/TPU :func:`heads_major_attention`
+  (the same math in a layout XLA's CPU backend runs faster).
+
+jax.nn's default (``implementation=None``) is its XLA path, never cuDNN, so the choice must be
+explicit. The cuDNN conditions are those of jax 0.10.2 (jax/_src/cudnn/fused_attention_stablehlo.py
+``check_layout`` and ``check_is_flash_attention``; jax/_src/nn/functions.py): q, k, v float16 or
+bfloat16 of one dtype; head_dim a multiple of 8 and <= 128 (<= 256 from compute capability 9.0,
+Hopper); q and k the same head_dim, k and v the same length and heads; a bias (a boolean mask
+is turned into one) must be (.., .., Tq, Tk) with batch and head axes 1 or full; in training
+with a bias both lengths must be even; compute capability 10.3 needs cuDNN >= 9.11.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -20,22 +33,160 @@ import numpy as np
 from flexvision.layers.common import dense, param_init
 from flexvision.layers.flex import resize_rel_pos_table
 
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What the attention choice needs to know about the device: jax's backend ('cpu', 'gpu',
+    'tpu'), whether the GPU is NVIDIA's (CUDA), its compute capability (major, minor) and the
+    cuDNN version as an int (9.8.0 -> 90800); None where not applicable."""
+
+    backend: str
+    cuda: bool = False
+    compute_capability: tuple[int, int] | None = None
+    cudnn_version: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """The static facts of one attention call: shapes (B, T, heads, head_dim) of q, k, v, the
+    dtype name, the bias shape (4-d after broadcasting rules, or None; a boolean mask counts as
+    a bias, as cuDNN folds it into one), and whether it is differentiated (``train``)."""
+
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    dtype: str
+    bias_shape: tuple[int, ...] | None = None
+    train: bool = True
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts() -> DeviceFacts:
+    """The :class:`DeviceFacts` of ``jax.devices()[0]`` (read once)."""
+    device = jax.devices()[0]
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return DeviceFacts(backend)
+    platform_version = getattr(getattr(device, "client", None), "platform_version", "") or ""
+    cuda = "cuda" in platform_version.lower()
+    capability = getattr(device, "compute_capability", None)
+    capability = tuple(int(x) for x in str(capability).split(".")[:2]) if capability else None
+    cudnn = None
+    try:  # jax's own accessor of the linked cuDNN (what its cuDNN path checks)
+        from jax._src.lib import cuda_versions
+        cudnn = int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
+    except Exception:  # noqa: BLE001  (no CUDA plugin: no cuDNN)
+        cudnn = None
+    return DeviceFacts(backend, cuda, capability, cudnn)
+
+
+def cudnn_refusal(call: AttentionCall, device: DeviceFacts) -> str | None:
+    """Why cuDNN's fused attention cannot take ``call`` on ``device`` (the conditions of the
+    module docstring), or None when it can. A pure function of static facts."""
+    if device.backend != "gpu" or not device.cuda:
+        return f"backend {device.backend}{'' if device.backend != 'gpu' else ' (not CUDA)'}"
+    if device.cudnn_version is None:
+        return "no cuDNN found"
+    if device.compute_capability is None or device.compute_capability < (8, 0):
+        return f"compute capability {device.compute_capability} < 8.0"
+    if device.compute_capability == (10, 3) and device.cudnn_version < 91100:
+        return "compute capability 10.3 needs cuDNN >= 9.11"
+    if call.dtype not in ("float16", "bfloat16"):
+        return f"dtype {call.dtype} (cuDNN takes float16/bfloat16)"
+    if not (len(call.q_shape) == len(call.k_shape) == len(call.v_shape) == 4):
+        return "q, k, v not 4-d (B, T, heads, head_dim)"
+    (qb, q_len, q_heads, q_dim), (kb, k_len, k_heads, k_dim), (vb, v_len, v_heads, v_dim) = (
+        call.q_shape, call.k_shape, call.v_shape)
+    max_dim = 256 if device.compute_capability >= (9, 0) else 128
+    if q_dim % 8 or q_dim > max_dim:
+        return f"head_dim {q_dim} (needs a multiple of 8, <= {max_dim})"
+    if q_dim != k_dim or k_dim != v_dim:
+        return f"head dims q {q_dim}, k {k_dim}, v {v_dim} differ"
+    if not qb == kb == vb or k_len != v_len or k_heads != v_heads or q_heads % k_heads:
+        return "q, k, v batch/length/heads do not match"
+    if call.bias_shape is not None:
+        bias = (1,) * (4 - len(call.bias_shape)) + tuple(call.bias_shape)
+        if bias[2:] != (q_len, k_len):
+            return f"bias {call.bias_shape} is not (.., .., {q_len}, {k_len})"
+        if bias[0] not in (1, qb) or bias[1] not in (1, q_heads):
+            return f"bias {call.bias_shape} does not broadcast over (B, heads)"
+        if call.train and (q_len % 2 or k_len % 2):
+            return f"training with a bias needs even lengths, got Tq {q_len}, Tk {k_len}"
+    return None
+
+
+_CHOICE_LOG = logging.getLogger(__name__)
+_RECORDERS: list[list[str]] = []
+
+
+@functools.lru_cache(maxsize=None)
+def select_implementation(call: AttentionCall, device: DeviceFacts) -> tuple[str, str]:
+    """('cudnn' or 'xla', why) for one static call on one device; cached, and logged once per
+    distinct (call, device) at INFO."""
+    refusal = cudnn_refusal(call, device)
+    choice = ("cudnn", "fused flash attention supports the call") if refusal is None else (
+        "xla", refusal)
+    _CHOICE_LOG.info("attention q%s k%s %s bias %s train=%s on %s: %s (%s)", call.q_shape,
+                     call.k_shape, call.dtype, call.bias_shape, call.train, device.backend,
+                     *choice)
+    return choice
+
+
+def attention_implementation(q, k, v, *, bias=None, mask=None, train: bool = True,
+                             device: DeviceFacts | None = None) -> str:
+    """The implementation :func:`dot_product_attention` uses for these (traced) arrays: only
+    their static shapes and dtypes are read. ``device`` defaults to :func:`device_facts`."""
+    bias_shape = None
+    if bias is not None or mask is not None:
+        shapes = [tuple(x.shape) for x in (bias, mask) if x is not None]
+        bias_shape = tuple(np.broadcast_shapes(*[(1,) * (4 - len(s)) + s for s in shapes]))
+    call = AttentionCall(tuple(q.shape), tuple(k.shape), tuple(v.shape), jnp.dtype(q.dtype).name,
+                         bias_shape, bool(train))
+    choice, _ = select_implementation(call, device or device_facts())
+    for recorder in _RECORDERS:
+        recorder.append(choice)
+    return choice
+
+
+@contextlib.contextmanager
+def record_attention_choices():
+    """Collects the implementation of every attention traced inside the block (a list of
+    'xla'/'cudnn', one per call site traced), e.g. for the benchmark's ``attention`` column."""
+    recorded: list[str] = []
+    _RECORDERS.append(recorded)
+    try:
+        yield recorded
+    finally:
+        _RECORDERS.remove(recorded)
+
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           bias: jax.Array | None = None, mask: jax.Array | None = None,
-                          scale: float | None = None) -> jax.Array:
+                          scale: float | None = None, train: bool = True) -> jax.Array:
     """softmax(q k^T * scale + bias) v (Vaswani et al. 2017, eq. 1), shapes (B, T, heads, head_dim).
 
     ``bias`` broadcasts to (B, heads, Tq, Tk) and is added to the logits (relative positions,
     window masks); ``mask`` is boolean, True where attending is allowed. Logits and softmax are
-    computed in float32 whatever the input dtype.
+    computed in float32 whatever the input dtype (cuDNN: its fused kernel's float32 softmax).
+    ``train``: whether the call may be differentiated (cuDNN's backward has extra conditions);
+    the implementation is :func:`attention_implementation`'s choice.
     """
     dtype = q.dtype
     if bias is not None:
         bias = bias.astype(dtype)
-    if jax.default_backend() == "gpu":  # jax.nn's XLA path (implementation=None), see above
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale
-                                            ).astype(dtype)
+    implementation = attention_implementation(q, k, v, bias=bias, mask=mask, train=train)
+    if implementation == "cudnn":
+        if bias is not None and bias.ndim < 4:
+            bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        if mask is not None and mask.ndim < 4:
+            mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation="cudnn").astype(dtype)
+    if jax.default_backend() == "gpu":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation="xla").astype(dtype)
     return heads_major_attention(q, k, v, bias=bias, mask=mask, scale=scale).astype(dtype)
 
 
@@ -49,8 +200,8 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     jax.nn's XLA path vmaps over a query-group axis and contracts probs with v straight into the
     (B, T, heads, head_dim) layout; XLA's CPU backend runs that contraction ~2.3x slower than this
     form (ViT-S/16 attention at batch 32: 67 ms vs 29 ms per block, measured interleaved with
-    flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` keeps jax.nn's
-    own XLA path (not measured against this form there).
+    flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` uses cuDNN where
+    it can and jax.nn's own XLA path otherwise (that one not measured against this form there).
     """
     head_dim = q.shape[-1]
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else scale
@@ -102,7 +253,7 @@ class MultiHeadSelfAttention(nn.Module):
             out = _attention_with_dropout(q, k, v, bias, self.attn_dropout,
                                           self.make_rng("dropout"))
         else:
-            out = dot_product_attention(q, k, v, bias=bias)
+            out = dot_product_attention(q, k, v, bias=bias, train=train)
         out = out.reshape(batch, tokens, width)
         out = dense(width, axes=("mlp", "embed"), dtype=self.dtype, name="proj")(out)
         return nn.Dropout(self.proj_dropout, deterministic=not train)(out)

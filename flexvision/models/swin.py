@@ -143,7 +143,7 @@ class WindowAttention(nn.Module):
             out = _attention_with_dropout(q, k, v, bias, self.attn_dropout,
                                           self.make_rng("dropout"))
         else:
-            out = dot_product_attention(q, k, v, bias=bias)
+            out = dot_product_attention(q, k, v, bias=bias, train=train)
         out = out.reshape(batch * num_windows, tokens, width)
         out = dense(width, axes=("mlp", "embed"), dtype=self.dtype, name="proj")(out)
         out = nn.Dropout(self.proj_dropout, deterministic=not train)(out)

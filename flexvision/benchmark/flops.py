@@ -1,0 +1,317 @@
+"""FLOP counts that do not depend on the backend, and utilisation that cannot come out absurd.
+
+Convention (everywhere in flexvision.benchmark): a multiply-add is 2 FLOPs; what is counted is
+the contractions, i.e. every ``dot_general`` (dense layers, einsums, both attention matmuls,
+PI-resize and position-table resampling matmuls) and every ``convolution`` (patch embeddings,
+convs, depthwise convs, their gradients). Elementwise ops, reductions, softmax, normalisation
+and activations are not counted: in these backbones they are ~1-3 % of XLA's own count (the
+difference between :func:`lowered_flops` and XLA's compiled cost analysis on CPU, which counts
+them).
+
+Three sources:
+
+* :func:`lowered_flops`: walks the StableHLO of ``jax.jit(f).lower(...)``, i.e. the program
+  before XLA optimises it, so a backend that hands a matmul to a library (cuBLAS/cuDNN custom
+  calls on GPU, which XLA's compiled cost analysis does not count) cannot hide it;
+* :func:`analytic_flops`: from a model's configuration alone (ViT/FlexiViT), the textbook count;
+* ``analysis.xla_flops``: XLA's compiled cost analysis, kept as a third opinion.
+
+:func:`choose_flops` picks the count the benchmark divides by, and :func:`utilization` never
+returns a negative or absurd fraction (it returns None instead and says why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+# Bits of the StableHLO text printed by ``Lowered.as_text()`` (MLIR generic syntax of jax 0.10).
+_FUNC = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$\-]+)\(")
+_CALL = re.compile(r"\bcall @([\w.$\-]+)\(")
+_TENSOR = re.compile(r"tensor<([^>]*)>")
+_SIGNATURE = re.compile(r":\s*\((.*)\)\s*->\s*(.*)$")
+_DOT = re.compile(r"stablehlo\.dot_general\b")
+_DOT_CONTRACT = re.compile(r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\]")
+_CONV = re.compile(r"stablehlo\.convolution\b")
+_CONV_DIMS = re.compile(r"dim_numbers = \[([^\]]*)\]x\[([^\]]*)\]->\[([^\]]*)\]")
+_WINDOW_FIELD = r"{name} = \[((?:\[[^\]]*\](?:, )?)+|[\d, ]*)\]"
+_WHILE = re.compile(r"stablehlo\.while\b")
+
+
+def _shape(tensor_type: str) -> tuple[int, ...]:
+    """'2x3x4xf32' -> (2, 3, 4); 'f32' -> ()."""
+    dims = tensor_type.split("x")[:-1]
+    if any(not d.isdigit() for d in dims):
+        raise ValueError(f"lowered_flops needs static shapes, got tensor<{tensor_type}>")
+    return tuple(int(d) for d in dims)
+
+
+def _operand_and_result_shapes(line: str) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    signature = _SIGNATURE.search(line)
+    if signature is None:
+        raise ValueError(f"cannot read the type signature of: {line.strip()[:200]}")
+    operands = [_shape(t) for t in _TENSOR.findall(signature.group(1))]
+    result = _shape(_TENSOR.findall(signature.group(2))[0])
+    return operands, result
+
+
+def dot_general_flops(line: str) -> int:
+    """2 * (result elements) * (product of the lhs contracting dimensions)."""
+    (lhs, _), result = _operand_and_result_shapes(line)
+    contract = _DOT_CONTRACT.search(line)
+    dims = [int(d) for d in contract.group(1).split(",") if d.strip()] if contract else []
+    return 2 * int(np.prod(result, dtype=np.int64)) * int(np.prod([lhs[d] for d in dims],
+                                                                   dtype=np.int64))
+
+
+def _window_field(line: str, name: str) -> list:
+    match = re.search(_WINDOW_FIELD.format(name=name), line)
+    if not match:
+        return []
+    text = match.group(1)
+    if "[" in text:
+        return [[int(v) for v in pair.split(",")] for pair in re.findall(r"\[([^\]]*)\]", text)]
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _valid_taps(out_size: int, in_size: int, kernel: int, stride: int, pad_lo: int,
+                lhs_dilation: int, rhs_dilation: int) -> int:
+    """Number of (output position, kernel tap) pairs of one spatial axis that read a real input
+    element (not padding, not a hole of lhs dilation)."""
+    pos = (np.arange(out_size)[:, None] * stride - pad_lo
+           + np.arange(kernel)[None, :] * rhs_dilation)
+    dilated = (in_size - 1) * lhs_dilation + 1
+    valid = (pos >= 0) & (pos < dilated) & (pos % lhs_dilation == 0)
+    return int(valid.sum())
+
+
+def convolution_flops(line: str, *, count_padding: bool = True) -> int:
+    """2 * (result elements) * (kernel elements per output feature): every output element is a
+    sum over the kernel's spatial taps and (grouped) input features.
+
+    ``count_padding=False`` counts only the taps that read real input (what XLA's cost analysis
+    counts; at 224 px the two differ by < 1 % for 3x3 convs, at 32 px by up to ~25 %).
+    """
+    (lhs, rhs), result = _operand_and_result_shapes(line)
+    dims = _CONV_DIMS.search(line)
+    if dims is None:
+        raise ValueError(f"cannot read the dim_numbers of: {line.strip()[:200]}")
+    lhs_layout, rhs_layout, out_layout = ([d.strip() for d in g.split(",")] for g in dims.groups())
+    out_features = rhs[rhs_layout.index("o")]
+    in_features = rhs[rhs_layout.index("i")]
+    if count_padding:
+        taps = int(np.prod([rhs[i] for i, d in enumerate(rhs_layout) if d.isdigit()],
+                           dtype=np.int64))
+        return 2 * int(np.prod(result, dtype=np.int64)) * taps * in_features
+    spatial = sorted(int(d) for d in rhs_layout if d.isdigit())
+    ndim = len(spatial)
+    stride = _window_field(line, "stride") or [1] * ndim
+    pad = _window_field(line, "pad") or [[0, 0]] * ndim
+    lhs_dil = _window_field(line, "lhs_dilate") or [1] * ndim
+    rhs_dil = _window_field(line, "rhs_dilate") or [1] * ndim
+    taps_total = 1
+    for axis in spatial:
+        taps_total *= _valid_taps(result[out_layout.index(str(axis))],
+                                  lhs[lhs_layout.index(str(axis))],
+                                  rhs[rhs_layout.index(str(axis))], stride[axis], pad[axis][0],
+                                  lhs_dil[axis], rhs_dil[axis])
+    non_spatial_out = int(np.prod([result[i] for i, d in enumerate(out_layout) if not d.isdigit()],
+                                  dtype=np.int64))
+    del out_features
+    return 2 * non_spatial_out * taps_total * in_features
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredCount:
+    """FLOPs of the contractions of a lowered program (see the module docstring's convention)."""
+
+    flops: int
+    dot_flops: int
+    conv_flops: int
+    dots: int
+    convolutions: int
+    loops_with_contractions: int  # while loops whose body contracts: counted once, a lower bound
+
+
+def count_stablehlo(text: str, *, count_padding: bool = True) -> LoweredCount:
+    """Counts the dot_general and convolution FLOPs of a StableHLO module's text (``main`` plus
+    every function it calls, once per call)."""
+    body: dict[str, list[int]] = {}  # function -> [dot_flops, conv_flops, dots, convs, loops]
+    calls: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        header = _FUNC.match(line)
+        if header:
+            current = header.group(1)
+            body[current] = [0, 0, 0, 0, 0]
+            calls[current] = []
+            continue
+        if current is None:
+            continue
+        if _DOT.search(line):
+            body[current][0] += dot_general_flops(line)
+            body[current][2] += 1
+        elif _CONV.search(line):
+            body[current][1] += convolution_flops(line, count_padding=count_padding)
+            body[current][3] += 1
+        elif _WHILE.search(line):
+            body[current][4] += 1
+        calls[current].extend(_CALL.findall(line))
+
+    memo: dict[str, np.ndarray] = {}
+
+    def total(name: str, depth: int = 0) -> np.ndarray:
+        if depth > 200:
+            raise ValueError("recursive calls in the lowered module")
+        if name not in memo:
+            counts = np.array(body.get(name, [0] * 5), dtype=np.int64)
+            for callee in calls.get(name, []):
+                counts = counts + total(callee, depth + 1)
+            memo[name] = counts
+        return memo[name]
+
+    entry = "main" if "main" in body else next(iter(body), None)
+    if entry is None:
+        raise ValueError("no func.func in the lowered text: pass jax.jit(f).lower(...)")
+    dot, conv, dots, convs, loops = (int(v) for v in total(entry))
+    if loops and not (dots or convs):
+        loops = 0
+    return LoweredCount(dot + conv, dot, conv, dots, convs, loops)
+
+
+def lowered_flops(lowered, *, count_padding: bool = True) -> LoweredCount:
+    """:func:`count_stablehlo` of ``jax.jit(f).lower(*args)`` (a ``jax.stages.Lowered``)."""
+    return count_stablehlo(lowered.as_text(), count_padding=count_padding)
+
+
+# Analytic counts from a model's configuration.
+
+
+def _field(model, *names):
+    for name in names:
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise AttributeError(f"{type(model).__name__} has none of {names}")
+
+
+def vit_flops(model, resolution: tuple[int, int], patch_size: int | None = None) -> dict[str, int]:
+    """Forward FLOPs of one image through a ViT/FlexiViT/DeiT (``models.vit.VisionTransformer``)
+    at ``resolution`` (H, W) and run-time ``patch_size`` (default: the model's own).
+
+    Per image, with grid g = (H/p)(W/p), tokens N = g + prefix tokens, width D, MLP width M:
+    patch embedding 2 g p^2 C D; per block 2 N D (3D) for qkv, 2 N^2 D for q k^T, 2 N^2 D for
+    probs v, 2 N D^2 for the output projection, 4 N D M for the MLP; the head 2 D classes per
+    head. Per call, independent of the batch (``per_call``): the flexible patch kernel's PI-resize
+    2 (P_stored^2) (p^2) C D when p differs from the stored size (FlexiViT, Beyer et al. 2023,
+    eq. 3: one matmul by the pseudo-inverse resize matrix), and the position embedding's
+    resampling from the stored grid G to the token grid, 2 G g D (``flex.resample_posemb``: one
+    matmul by the cached interpolation matrix).
+    """
+    height, width = resolution
+    stored = tuple(model.patch_size)
+    patch = (patch_size, patch_size) if patch_size else stored
+    grid = (height // patch[0]) * (width // patch[1])
+    dim = int(_field(model, "embed_dim", "width"))
+    mlp = getattr(model, "mlp_dim", None) or int(dim * getattr(model, "mlp_ratio", 4.0))
+    prefix = int(model.class_token) + int(model.dist_token) + int(model.num_reg_tokens)
+    tokens = grid + prefix
+    chans = int(getattr(model, "in_chans", 3))
+    embed = 2 * grid * patch[0] * patch[1] * chans * dim
+    block = (2 * tokens * dim * 3 * dim + 2 * 2 * tokens * tokens * dim
+             + 2 * tokens * dim * dim + 2 * 2 * tokens * dim * mlp)
+    heads = 1 + int(model.dist_token)
+    head = 2 * dim * model.num_classes * heads if model.num_classes else 0
+    per_call = (2 * stored[0] * stored[1] * patch[0] * patch[1] * chans * dim
+                if patch != stored else 0)
+    posemb_grid = tuple(model.posemb_grid)
+    if posemb_grid != (height // patch[0], width // patch[1]):
+        per_call += 2 * posemb_grid[0] * posemb_grid[1] * grid * dim
+    return {"per_image": embed + model.depth * block + head, "per_call": per_call}
+
+
+ANALYTIC = {"vit": vit_flops}
+"""Family -> analytic forward count ``(model, resolution, patch_size) -> {per_image, per_call}``."""
+
+
+def analytic_flops(family: str, model, resolution: tuple[int, int], batch_size: int,
+                   patch_size: int | None = None) -> int | None:
+    """Forward FLOPs of a batch from the configuration (None for a family without a formula)."""
+    formula = ANALYTIC.get(family)
+    if formula is None:
+        return None
+    counts = formula(model, resolution, patch_size)
+    return batch_size * counts["per_image"] + counts["per_call"]
+
+
+# Choosing a count and a utilisation that cannot be absurd.
+
+ABSURDLY_LOW = 0.5
+"""XLA's count is distrusted below this fraction of the lowered count (XLA counts more than the
+contractions, so a correct count is >= ~1x; cuBLAS custom calls make it far lower, or -1)."""
+
+
+def choose_flops(xla: float | None, lowered: int | None) -> tuple[float | None, str]:
+    """The FLOPs the benchmark divides by and which count they are: XLA's compiled count when it
+    is positive and not below :data:`ABSURDLY_LOW` x the lowered count, else the lowered count."""
+    if lowered and lowered > 0:
+        if xla is None or not np.isfinite(xla) or xla <= 0 or xla < ABSURDLY_LOW * lowered:
+            return float(lowered), "lowered"
+        return float(xla), "xla"
+    if xla is not None and np.isfinite(xla) and xla > 0:
+        return float(xla), "xla"
+    return None, "none"
+
+
+def utilization(flops_per_s: float | None, peak_flops_per_s: float | None
+                ) -> tuple[float | None, str]:
+    """``flops_per_s / peak`` as a fraction, or (None, why) when either is unknown, not positive
+    or the fraction exceeds 1.5 (a measurement can beat a *measured* matmul a little, never by
+    half again: such a figure means a wrong FLOP count, and is not printed)."""
+    if not flops_per_s or not peak_flops_per_s or not np.isfinite(flops_per_s) \
+            or not np.isfinite(peak_flops_per_s):
+        return None, "n/a (unknown)"
+    if flops_per_s <= 0 or peak_flops_per_s <= 0:
+        return None, "n/a (non-positive count)"
+    fraction = flops_per_s / peak_flops_per_s
+    if fraction > 1.5:
+        return None, f"n/a (absurd: {fraction:.1f}x the peak)"
+    return fraction, f"{100 * fraction:.0f}%"
+
+
+# Datasheet dense peaks (no 2:4 sparsity), FLOP/s. GPU figures are the SXM parts'; the TPU
+# figures are per chip. fp32 on NVIDIA is plain FP32 (not TF32); TPUs run float32 matmuls as
+# bf16 passes and have no separate fp32 figure.
+DATASHEET_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "V100": {"float16": 125e12, "float32": 15.7e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+    "TPU v5e": {"bfloat16": 197e12},
+    "TPU v5p": {"bfloat16": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12},
+}
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+    """The datasheet peak FLOP/s of ``device_kind`` (``jax.devices()[0].device_kind``, e.g.
+    'NVIDIA H200', 'TPU v5 lite') for ``dtype``; None for an unknown device (every CPU) or a
+    dtype it has no figure for."""
+    kind = device_kind.upper()
+    for name in sorted(DATASHEET_PEAKS, key=len, reverse=True):
+        if name.upper() in kind:
+            return DATASHEET_PEAKS[name].get(dtype)
+    return None
+
+
+def describe_counts(counts: dict[str, Any]) -> str:
+    """One line: analytic / lowered / XLA GFLOP and which one was used."""
+    def g(v):
+        return f"{v / 1e9:.4g}" if v else "-"
+    return (f"analytic {g(counts.get('analytic'))}, lowered {g(counts.get('lowered'))}, "
+            f"xla {g(counts.get('xla'))} GFLOP; used: {counts.get('used')}")
