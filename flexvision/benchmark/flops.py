@@ -232,7 +232,98 @@ def vit_flops(model, resolution: tuple[int, int], patch_size: int | None = None)
     return {"per_image": embed + model.depth * block + head, "per_call": per_call}
 
 
-ANALYTIC = {"vit": vit_flops}
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def swin_flops(model, resolution: tuple[int, int], patch_size: int | None = None
+               ) -> dict[str, int]:
+    """Forward FLOPs of one image through Swin (``models.swin.SwinTransformer``, Liu et al. 2021)
+    at any size, with the model's own window rules (``swin.design_window_and_shift``,
+    ``swin.window_and_shift``): patch embedding on the image padded to the patch size; per block
+    with a map h x w padded to hp x wp (multiples of its window of N tokens) and width C:
+    2 hp wp C 3C (qkv), 2 hp wp N C twice (q k^T, probs v; padding tokens attend too),
+    2 hp wp C^2 (proj), 4 h w C (ratio C) (MLP); patch merging 2 h' w' 4C C' on the halved
+    (ceil) map; the head 2 C classes."""
+    from flexvision.layers.flex import to_pair
+    from flexvision.models import swin
+
+    del patch_size
+    p = model.patch_size
+    h, w = _ceil(resolution[0], p), _ceil(resolution[1], p)
+    design = tuple(size // p for size in to_pair(model.img_size, "img_size"))
+    windows = swin.stage_windows(model.window_size, len(model.depths))
+    total = 2 * h * w * p * p * int(getattr(model, "in_chans", 3)) * model.embed_dim
+    dim = model.embed_dim
+    for i, depth in enumerate(model.depths):
+        stage_dim = model.embed_dim * 2 ** i
+        if i > 0:
+            h, w = _ceil(h, 2), _ceil(w, 2)
+            total += 2 * h * w * 4 * dim * stage_dim
+        dim = stage_dim
+        stage_design = (design[0] // 2 ** i, design[1] // 2 ** i)
+        for block in range(depth):
+            window, shift = swin.design_window_and_shift(stage_design, windows[i], block % 2 == 1)
+            window, _ = swin.window_and_shift(h, w, window, shift)
+            hp, wp = _ceil(h, window[0]) * window[0], _ceil(w, window[1]) * window[1]
+            tokens = window[0] * window[1]
+            hidden = int(dim * model.mlp_ratio)
+            total += (2 * hp * wp * dim * 3 * dim + 2 * 2 * hp * wp * tokens * dim
+                      + 2 * hp * wp * dim * dim + 2 * 2 * h * w * dim * hidden)
+    total += 2 * dim * model.num_classes if model.num_classes else 0
+    return {"per_image": total, "per_call": 0}
+
+
+def cyclemlp_flops(model, resolution: tuple[int, int], patch_size: int | None = None
+                   ) -> dict[str, int]:
+    """Forward FLOPs of one image through CycleMLP (``models.cyclemlp.CycleMLP``, Chen et al.
+    2022): the 7x7/4 patch embedding (padding 2) and 3x3/2 transitions (padding 1) as dense
+    windows; per block on h x w x C: three channel FCs (two Cycle FCs and mlp_c) 3 x 2 h w C^2,
+    the reweighting MLP on the pooled vector 2 C (C/4) + 2 (C/4) 3C, proj 2 h w C^2, the MLP
+    4 h w C (ratio C); the head 2 C classes. Channel shifts are data movement, not counted."""
+    del patch_size
+    h = (resolution[0] + 4 - 7) // 4 + 1
+    w = (resolution[1] + 4 - 7) // 4 + 1
+    dim = model.embed_dims[0]
+    total = 2 * h * w * 49 * int(getattr(model, "in_chans", 3)) * dim
+    for stage, (depth, stage_dim) in enumerate(zip(model.depths, model.embed_dims)):
+        if stage > 0 and model.transitions[stage - 1]:
+            h, w = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1
+            total += 2 * h * w * 9 * dim * stage_dim
+        dim = stage_dim
+        hidden = int(dim * model.mlp_ratios[stage])
+        block = (4 * 2 * h * w * dim * dim + 2 * dim * (dim // 4) + 2 * (dim // 4) * 3 * dim
+                 + 2 * 2 * h * w * dim * hidden)
+        total += depth * block
+    total += 2 * dim * model.num_classes if model.num_classes else 0
+    return {"per_image": total, "per_call": 0}
+
+
+def asmlp_flops(model, resolution: tuple[int, int], patch_size: int | None = None
+                ) -> dict[str, int]:
+    """Forward FLOPs of one image through AS-MLP (``models.asmlp.ASMLP``, Lian et al. 2022):
+    patch embedding 2 h w p^2 3 C (image padded to the patch size with ``pad_to_fit``); per block
+    four channel FCs (conv1, conv2_1, conv2_2, conv3) 4 x 2 h w C^2 and the MLP 4 h w C (ratio C);
+    patch merging 2 h' w' 4C 2C on the halved (ceil) map; the head 2 C classes."""
+    del patch_size
+    p = model.patch_size
+    rounding = _ceil if model.pad_to_fit else (lambda a, b: a // b)
+    h, w = rounding(resolution[0], p), rounding(resolution[1], p)
+    dim = model.embed_dim
+    total = 2 * h * w * p * p * int(getattr(model, "in_chans", 3)) * dim
+    for stage, depth in enumerate(model.depths):
+        if stage > 0:
+            h, w = rounding(h, 2), rounding(w, 2)
+            total += 2 * h * w * 4 * dim * 2 * dim
+            dim *= 2
+        hidden = int(dim * model.mlp_ratio)
+        total += depth * (4 * 2 * h * w * dim * dim + 2 * 2 * h * w * dim * hidden)
+    total += 2 * dim * model.num_classes if model.num_classes else 0
+    return {"per_image": total, "per_call": 0}
+
+
+ANALYTIC = {"vit": vit_flops, "swin": swin_flops, "cyclemlp": cyclemlp_flops,
+            "asmlp": asmlp_flops}
 """Family -> analytic forward count ``(model, resolution, patch_size) -> {per_image, per_call}``."""
 
 

@@ -22,6 +22,7 @@ from flexvision.benchmark.flops import analytic_flops, choose_flops, datasheet_p
 from flexvision.benchmark.timing import (CompileEvents, Timing, compile_timed, device_peak_bytes,
                                          matmul_reference, time_calls, time_interleaved)
 from flexvision.engine import optim, patch_schedule
+from flexvision.layers.attention import record_attention_choices
 from flexvision.engine.losses import mean_over_heads, softmax_xent
 from flexvision.engine.sharding import unbox
 from flexvision.engine.state import train_state
@@ -165,9 +166,12 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         "compiler_options": compiler_options or {},
         "parameters": count_parameters(work.variables), "has_batch_stats": work.has_batch_stats,
     }
+    choices: set[str] = set()
     if inference:
-        compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images,
-                                          compiler_options=compiler_options)
+        with record_attention_choices() as recorded:
+            compiled, seconds = compile_timed(jax.jit(work.infer), work.variables, images,
+                                              compiler_options=compiler_options)
+        choices.update(recorded)
         timing, ref_timing = _timed(lambda: compiled(work.variables, images), reference,
                                     warmup=warmup, repeats=repeats, min_time=min_time)
         result["inference"] = _phase_report(
@@ -180,7 +184,10 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
     if train:
         state = work.init_train_state()
         step = jax.jit(work.train_step(), donate_argnums=0)
-        compiled, seconds = compile_timed(step, state, batch, compiler_options=compiler_options)
+        with record_attention_choices() as recorded:
+            compiled, seconds = compile_timed(step, state, batch,
+                                              compiler_options=compiler_options)
+        choices.update(recorded)
         holder = {"state": state}
 
         def call():
@@ -194,6 +201,7 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         if profile:
             result["train"]["profile"] = profile_calls(compiled, call)
     result["device_peak_bytes"] = device_peak_bytes()
+    result["attention"] = sorted(choices)  # implementations chosen (layers.attention)
     return result
 
 
