@@ -322,8 +322,192 @@ def asmlp_flops(model, resolution: tuple[int, int], patch_size: int | None = Non
     return {"per_image": total, "per_call": 0}
 
 
+def _pooled(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
+            ) -> tuple[int, int]:
+    """Grid after MViT's pooling (padding kernel // 2)."""
+    return tuple((n + 2 * (k // 2) - k) // s + 1 for n, k, s in zip(size, kernel, stride))
+
+
+def mvit_flops(model, resolution: tuple[int, int], patch_size: int | None = None
+               ) -> dict[str, int]:
+    """Forward FLOPs of one image through MViTv2 / MViT v1 (``models.mvit.MultiScaleVit``, Li et
+    al. 2022), with the model's own stage configuration (``stage_config``, ``patch_grid``,
+    ``_rel_pos_sizes``). Per block with T input tokens (grid + class token), width C_in -> C_out,
+    attention width A, heads n, head_dim c = A / n, pooled grids q and kv:
+    shortcut projection 2 T C_in C_out where the width grows in the attention; qkv 2 T C_in 3A;
+    pooling convs (mode 'conv', depthwise per head) 2 n q_h q_w c k_h k_w each for q, k, v;
+    decomposed relative positions 2 q_h q_w n c (kv_h + kv_w); q k^T and probs v 2 Tq Tk A each;
+    proj 2 Tq A^2; MLP 2 Tq A hidden + 2 Tq hidden C_out (+ 2 Tq A C_out shortcut projection
+    where the width grows in the MLP); head 2 C classes. Per call: relative-position table
+    resizes 2 L_new L_old c and the absolute position embedding's bilinear resampling."""
+    from flexvision.layers.flex import to_pair
+
+    del patch_size
+    cfg = model.stage_config()
+    grid = model.patch_grid(*resolution)
+    kernel_patch = to_pair(model.patch_kernel, "patch_kernel")
+    prefix = int(model.use_cls_token)
+    dim = cfg["embed_dim"][0]
+    chans = int(getattr(model, "in_chans", 3))
+    total = 2 * grid[0] * grid[1] * kernel_patch[0] * kernel_patch[1] * chans * dim
+    per_call = 0
+    if model.use_abs_pos:
+        ref = model.reference_grid()
+        if tuple(ref) != tuple(grid):
+            per_call += 2 * dim * (grid[0] * ref[0] * ref[1] + grid[0] * grid[1] * ref[1])
+    kernel = to_pair(model.kernel_qkv, "kernel_qkv")
+    rel_sizes = model._rel_pos_sizes(cfg)
+    size = tuple(grid)
+    num_stages = len(model.depths)
+    for stage, depth in enumerate(model.depths):
+        stage_out = (cfg["embed_dim"][stage] if model.expand_attn
+                     else cfg["embed_dim"][min(stage + 1, num_stages - 1)])
+        heads = cfg["num_heads"][stage]
+        for i in range(depth):
+            grows_here = model.expand_attn or i == depth - 1
+            dim_out = stage_out if grows_here else dim
+            att = dim_out if model.expand_attn else dim
+            head_dim = att // heads
+            stride_q = cfg["stride_q"][stage] if i == 0 else (1, 1)
+            pools_q = model.pool_q_all_blocks or int(np.prod(stride_q)) > 1
+            kernel_q = kernel if pools_q else (1, 1)
+            stride_kv = cfg["stride_kv"][stage]
+            tokens = size[0] * size[1] + prefix
+            if dim != dim_out and model.expand_attn:
+                total += 2 * tokens * dim * dim_out
+            total += 2 * tokens * dim * 3 * att
+            q_size, kv_size = size, size
+            for k_, s_, which in ((kernel_q, stride_q, "q"), (kernel, stride_kv, "kv")):
+                if int(np.prod(k_)) == 1 and int(np.prod(s_)) == 1:
+                    continue
+                pooled = _pooled(size, k_, s_)
+                if model.mode == "conv":
+                    total += (1 if which == "q" else 2) * 2 * heads * pooled[0] * pooled[1] \
+                        * head_dim * k_[0] * k_[1]
+                if which == "q":
+                    q_size = pooled
+                else:
+                    kv_size = pooled
+            q_tokens = q_size[0] * q_size[1] + prefix
+            kv_tokens = kv_size[0] * kv_size[1] + prefix
+            if rel_sizes[stage][i] is not None:
+                total += 2 * q_size[0] * q_size[1] * heads * head_dim * (kv_size[0] + kv_size[1])
+                table = 2 * max(rel_sizes[stage][i]) - 1
+                for q_len, k_len in zip(q_size, kv_size):
+                    needed = 2 * max(q_len, k_len) - 1
+                    if needed != table:
+                        per_call += 2 * needed * table * head_dim
+            total += 2 * 2 * q_tokens * kv_tokens * att + 2 * q_tokens * att * att
+            hidden = int(att * model.mlp_ratio)
+            total += 2 * q_tokens * att * hidden + 2 * q_tokens * hidden * dim_out
+            if dim != dim_out and not model.expand_attn:
+                total += 2 * q_tokens * att * dim_out
+            dim, size = dim_out, q_size
+    total += 2 * dim * model.num_classes if model.num_classes else 0
+    return {"per_image": total, "per_call": per_call}
+
+
+def _conv2d(size: tuple[int, int], cin: int, cout: int, kernel: int, stride: int = 1
+            ) -> tuple[int, tuple[int, int]]:
+    """(FLOPs, output size) of a k x k conv with PyTorch padding k // 2 (dense windows)."""
+    out = tuple((n + 2 * (kernel // 2) - kernel) // stride + 1 for n in size)
+    return 2 * out[0] * out[1] * kernel * kernel * cin * cout, out
+
+
+def _resnet_block(kind: str, size, cin: int, planes: int, stride: int = 1
+                  ) -> tuple[int, tuple[int, int], int]:
+    """(FLOPs, output size, output channels) of HRNet's BasicBlock / Bottleneck (He et al.
+    2016) including the 1x1 projection of the skip when width or stride change."""
+    from flexvision.models.hrnet import BOTTLENECK_EXPANSION
+
+    expansion = BOTTLENECK_EXPANSION if kind == "bottleneck" else 1
+    cout = planes * expansion
+    total = 0
+    if stride != 1 or cin != cout:
+        total += _conv2d(size, cin, cout, 1, stride)[0]
+    if kind == "bottleneck":
+        f1, _ = _conv2d(size, cin, planes, 1)
+        f2, out = _conv2d(size, planes, planes, 3, stride)
+        f3, _ = _conv2d(out, planes, cout, 1)
+        return total + f1 + f2 + f3, out, cout
+    f1, out = _conv2d(size, cin, planes, 3, stride)
+    f2, _ = _conv2d(out, planes, planes, 3)
+    return total + f1 + f2, out, cout
+
+
+def hrnet_flops(model, resolution: tuple[int, int], patch_size: int | None = None
+                ) -> dict[str, int]:
+    """Forward FLOPs of one image through the HRNet classifier (``models.hrnet.HRNet``, Wang et
+    al. 2020; timm's HighResolutionNet): every conv with its dense k x k x C_in window per output
+    element (stem, residual blocks with their projections, transitions, the exchange units'
+    1x1 and strided 3x3 fusions, the classification head's bottlenecks, downsampling and final
+    1x1 conv), and the classifier 2 C classes. Nearest upsampling is a copy, not counted."""
+    from flexvision.models.hrnet import BOTTLENECK_EXPANSION, HEAD_CHANNELS
+
+    del patch_size
+    total, size = _conv2d(tuple(resolution), int(model.in_chans), model.stem_width, 3, 2)
+    flops, size = _conv2d(size, model.stem_width, 64, 3, 2)
+    total += flops
+    first = model.stages[0]
+    channels = 64
+    for _ in range(first.num_blocks[0]):
+        flops, size, channels = _resnet_block(first.block, size, channels,
+                                              first.num_channels[0])
+        total += flops
+    branches = [(size, channels)]
+    for spec in model.stages[1:]:
+        widths = spec.out_channels
+        new = []
+        for i, width in enumerate(widths):  # transition
+            if i < len(branches):
+                (b_size, b_ch) = branches[i]
+                if b_ch != width:
+                    flops, b_size = _conv2d(b_size, b_ch, width, 3)
+                    total += flops
+                new.append((b_size, width))
+            else:
+                b_size, last = branches[-1]
+                steps = i + 1 - len(branches)
+                for k in range(steps):
+                    out_ch = width if k == steps - 1 else last
+                    flops, b_size = _conv2d(b_size, last, out_ch, 3, 2)
+                    total += flops
+                new.append((b_size, width))
+        branches = new
+        for _ in range(spec.num_modules):
+            out = []
+            for b, (depth, planes) in enumerate(zip(spec.num_blocks, spec.num_channels)):
+                b_size, b_ch = branches[b]
+                for _ in range(depth):
+                    flops, b_size, b_ch = _resnet_block(spec.block, b_size, b_ch, planes)
+                    total += flops
+                out.append((b_size, b_ch))
+            branches = out
+            if len(branches) > 1:
+                for i in range(len(branches)):
+                    for j in range(len(branches)):
+                        if j > i:
+                            total += _conv2d(branches[j][0], widths[j], widths[i], 1)[0]
+                        elif j < i:
+                            j_size = branches[j][0]
+                            for step in range(i - j):
+                                out_ch = widths[i] if step == i - j - 1 else widths[j]
+                                flops, j_size = _conv2d(j_size, widths[j], out_ch, 3, 2)
+                                total += flops
+    y = None
+    for i, (b_size, b_ch) in enumerate(branches):
+        flops, l_size, l_ch = _resnet_block("bottleneck", b_size, b_ch, HEAD_CHANNELS[i])
+        total += flops
+        if y is not None:
+            total += _conv2d(y[0], y[1], HEAD_CHANNELS[i] * BOTTLENECK_EXPANSION, 3, 2)[0]
+        y = (l_size, l_ch)
+    total += _conv2d(y[0], y[1], model.num_features, 1)[0]
+    total += 2 * model.num_features * model.num_classes if model.num_classes else 0
+    return {"per_image": total, "per_call": 0}
+
+
 ANALYTIC = {"vit": vit_flops, "swin": swin_flops, "cyclemlp": cyclemlp_flops,
-            "asmlp": asmlp_flops}
+            "asmlp": asmlp_flops, "mvit": mvit_flops, "hrnet": hrnet_flops}
 """Family -> analytic forward count ``(model, resolution, patch_size) -> {per_image, per_call}``."""
 
 
