@@ -193,4 +193,6 @@ def test_benchmark_with_a_gpu_like_cost_analysis_uses_the_lowered_count_and_prin
     table = benchmark.cli.format_table([result], {})
     percents = [cell for cell in table.split() if cell.endswith("%")]
     assert all(0 < float(cell[:-1]) <= 150 for cell in percents), table
-    assert "lowered" in table and "n/a" in table  # CPU: no datasheet peak
+    assert "lowered" in table
+    if flops.datasheet_peak(jax.devices()[0].device_kind, "float32") is None:
+        assert "n/a" in table  # e.g. every CPU: no datasheet peak
