@@ -100,8 +100,7 @@ def convolution_flops(line: str, *, count_padding: bool = True) -> int:
     if dims is None:
         raise ValueError(f"cannot read the dim_numbers of: {line.strip()[:200]}")
     lhs_layout, rhs_layout, out_layout = ([d.strip() for d in g.split(",")] for g in dims.groups())
-    out_features = rhs[rhs_layout.index("o")]
-    in_features = rhs[rhs_layout.index("i")]
+    in_features = rhs[rhs_layout.index("i")]  # per feature group already
     if count_padding:
         taps = int(np.prod([rhs[i] for i, d in enumerate(rhs_layout) if d.isdigit()],
                            dtype=np.int64))
@@ -120,7 +119,6 @@ def convolution_flops(line: str, *, count_padding: bool = True) -> int:
                                   lhs_dil[axis], rhs_dil[axis])
     non_spatial_out = int(np.prod([result[i] for i, d in enumerate(out_layout) if not d.isdigit()],
                                   dtype=np.int64))
-    del out_features
     return 2 * non_spatial_out * taps_total * in_features
 
 

@@ -27,6 +27,7 @@ import logging
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,22 +65,21 @@ class AttentionCall:
 
 @functools.lru_cache(maxsize=None)
 def device_facts() -> DeviceFacts:
-    """The :class:`DeviceFacts` of ``jax.devices()[0]`` (read once)."""
-    device = jax.devices()[0]
+    """The :class:`DeviceFacts` of ``jax.devices()[0]`` (read once), from the same sources jax's
+    cuDNN path checks: the backend's ``platform_version`` ('cuda' or 'rocm'), the device's
+    ``compute_capability`` and ``jax._src.lib.cuda_versions.cudnn_get_version()``."""
     backend = jax.default_backend()
     if backend != "gpu":
         return DeviceFacts(backend)
-    platform_version = getattr(getattr(device, "client", None), "platform_version", "") or ""
-    cuda = "cuda" in platform_version.lower()
-    capability = getattr(device, "compute_capability", None)
+    platform_version = jax.extend.backend.get_backend().platform_version or ""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
     capability = tuple(int(x) for x in str(capability).split(".")[:2]) if capability else None
-    cudnn = None
-    try:  # jax's own accessor of the linked cuDNN (what its cuDNN path checks)
+    try:
         from jax._src.lib import cuda_versions
         cudnn = int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
-    except Exception:  # noqa: BLE001  (no CUDA plugin: no cuDNN)
+    except (ImportError, AttributeError, RuntimeError):
         cudnn = None
-    return DeviceFacts(backend, cuda, capability, cudnn)
+    return DeviceFacts(backend, "cuda" in platform_version.lower(), capability, cudnn)
 
 
 def cudnn_refusal(call: AttentionCall, device: DeviceFacts) -> str | None:
