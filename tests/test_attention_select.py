@@ -151,3 +151,30 @@ def test_fused_attention_matches_float64_reference_on_gpu(case):
         for got, want in zip(grads_fused, grads_xla):
             got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
             assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 2e-2
+
+
+@pytest.mark.parametrize("train,expected", [(False, "cudnn"), (True, "xla")])
+def test_swin_window_attention_passes_train_to_the_choice(monkeypatch, train, expected):
+    """Swin's 7x7 windows (49 tokens, bias + mask) on simulated Hopper facts: the fused kernel
+    for inference, XLA for training (odd length with a bias). jax.nn's cuDNN path cannot run on
+    this CPU, so the requested implementation is recorded and XLA computes."""
+    requested = []
+    original = jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kwargs):
+        requested.append(implementation)
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(attention, "device_facts", lambda: H100)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    model = flexvision.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=[2],
+                                    num_heads=[1], window_size=7, num_classes=4,
+                                    dtype=jnp.bfloat16)
+    images = jnp.zeros((1, 56, 56, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+    requested.clear()  # init traced the inference path
+    with attention.record_attention_choices() as recorded:
+        jax.eval_shape(lambda v: model.apply(v, images, train=train,
+                                             rngs={"dropout": jax.random.PRNGKey(1)}), variables)
+    assert recorded == [expected, expected]  # W-MSA and SW-MSA (bias + mask)
+    assert requested == recorded

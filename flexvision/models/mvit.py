@@ -123,7 +123,8 @@ class PoolingAttention(nn.Module):
         return x, new_size
 
     @nn.compact
-    def __call__(self, x: jax.Array, size: Size) -> tuple[jax.Array, Size]:
+    def __call__(self, x: jax.Array, size: Size, *, train: bool = False
+                 ) -> tuple[jax.Array, Size]:
         batch, tokens, _ = x.shape
         head_dim = self.dim_out // self.num_heads
         qkv = dense(3 * self.dim_out, axes=("embed", "mlp"), use_bias=self.qkv_bias,
@@ -143,7 +144,7 @@ class PoolingAttention(nn.Module):
             bias = decomposed_rel_pos_bias(q[:, prefix:], rel_pos_h, rel_pos_w, q_size, k_size)
             if prefix:  # the class token's row and column get no relative position
                 bias = jnp.pad(bias, ((0, 0), (0, 0), (prefix, 0), (prefix, 0)))
-        out = dot_product_attention(q, k, v, bias=bias)
+        out = dot_product_attention(q, k, v, bias=bias, train=train)
         if self.residual_pooling:
             out = out + q
         out = out.reshape(batch, -1, self.dim_out)
@@ -205,7 +206,7 @@ class MultiScaleBlock(nn.Module):
             stride_q=self.stride_q, stride_kv=self.stride_kv, mode=self.mode,
             qkv_bias=self.qkv_bias, has_cls_token=self.has_cls_token,
             residual_pooling=self.residual_pooling, norm_eps=self.norm_eps, dtype=self.dtype,
-            name="attn")(x_norm, size)
+            name="attn")(x_norm, size, train=train)
         x = shortcut + DropPath(self.drop_path)(attn, train=train)
 
         x_norm = layer_norm(self.norm_eps, dtype=self.dtype, name="norm2")(x)
