@@ -157,7 +157,7 @@ def test_fused_attention_matches_float64_reference_on_gpu(case):
 def test_swin_window_attention_passes_train_to_the_choice(monkeypatch, train, expected):
     """Swin's 7x7 windows (49 tokens, bias + mask) on simulated Hopper facts: the fused kernel
     for inference, XLA for training (odd length with a bias). jax.nn's cuDNN path cannot run on
-    this CPU, so the requested implementation is recorded and XLA computes."""
+    this CPU, so the requested implementation is recorded and jax.nn's XLA path computes."""
     requested = []
     original = jax.nn.dot_product_attention
 
@@ -177,4 +177,5 @@ def test_swin_window_attention_passes_train_to_the_choice(monkeypatch, train, ex
         jax.eval_shape(lambda v: model.apply(v, images, train=train,
                                              rngs={"dropout": jax.random.PRNGKey(1)}), variables)
     assert recorded == [expected, expected]  # W-MSA and SW-MSA (bias + mask)
-    assert requested == recorded
+    # jax.nn is asked for cudnn when chosen; the XLA choice on this CPU is the heads-major form
+    assert requested == [c for c in recorded if c == "cudnn"]

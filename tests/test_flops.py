@@ -81,6 +81,23 @@ def test_conv_count_with_padding_taps_is_the_dense_window_count():
     assert count.flops > xla  # XLA leaves out the taps that read padding
 
 
+def test_input_gradient_of_a_strided_conv_counts_no_dilation_holes():
+    """The input gradient of a stride-4 conv is an lhs-dilated conv: its count must be the
+    forward's real work (between the forward's count without and with padding taps), not the
+    dense window over the zeros inserted between the cotangent's elements."""
+    lhs, rhs, strides, padding, rhs_dil, lhs_dil, groups = CONVS["strided_7x7_pad2"]
+    conv = functools.partial(_conv, strides=strides, padding=padding, rhs_dil=rhs_dil,
+                             lhs_dil=lhs_dil, groups=groups)
+    x, w = jnp.ones(lhs), jnp.ones(rhs)
+    dense, _ = _both(conv, x, w, count_padding=True)
+    valid, _ = _both(conv, x, w, count_padding=False)
+    g = jnp.ones(jax.eval_shape(conv, x, w).shape)
+    input_grad, _ = _both(lambda w, g: jax.vjp(lambda x: conv(x, w), x)[1](g), w, g,
+                          count_padding=True)
+    assert input_grad.convolutions == 1
+    assert valid.flops <= input_grad.flops <= dense.flops
+
+
 def test_calls_into_private_functions_are_counted_once_per_call():
     inner = jax.jit(jnp.dot)
     count, xla = _both(lambda a, b: inner(inner(a, b), b), jnp.ones((4, 6)), jnp.ones((6, 6)))

@@ -93,7 +93,10 @@ def convolution_flops(line: str, *, count_padding: bool = True) -> int:
     sum over the kernel's spatial taps and (grouped) input features.
 
     ``count_padding=False`` counts only the taps that read real input (what XLA's cost analysis
-    counts; at 224 px the two differ by < 1 % for 3x3 convs, at 32 px by up to ~25 %).
+    counts; at 224 px the two differ by < 1 % for 3x3 convs, at 32 px by up to ~25 %). A
+    convolution with lhs dilation (the input gradient of a strided conv, a transposed conv) is
+    always counted without the dilation holes and padding: its dense window would count the
+    zeros inserted between inputs (4x the real work of a stride-2 conv's input gradient).
     """
     (lhs, rhs), result = _operand_and_result_shapes(line)
     dims = _CONV_DIMS.search(line)
@@ -101,6 +104,8 @@ def convolution_flops(line: str, *, count_padding: bool = True) -> int:
         raise ValueError(f"cannot read the dim_numbers of: {line.strip()[:200]}")
     lhs_layout, rhs_layout, out_layout = ([d.strip() for d in g.split(",")] for g in dims.groups())
     in_features = rhs[rhs_layout.index("i")]  # per feature group already
+    if any(d > 1 for d in _window_field(line, "lhs_dilate")):
+        count_padding = False
     if count_padding:
         taps = int(np.prod([rhs[i] for i, d in enumerate(rhs_layout) if d.isdigit()],
                            dtype=np.int64))
