@@ -37,7 +37,6 @@ import functools
 import glob
 import gzip
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -327,11 +326,9 @@ def format_profile(title: str, profile: dict) -> str:
 
 
 def takes_patch_size(model) -> bool:
-    """Whether ``model.__call__`` accepts ``patch_size=`` (the flexible-patch ViT family)."""
-    try:
-        return "patch_size" in inspect.signature(type(model).__call__).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether the model accepts ``patch_size=`` (the flexible-patch ViT family): the model
+    contract's ``flex_kwargs``."""
+    return "patch_size" in model.flex_kwargs
 
 
 def parse_resolution(text: str | int | Sequence[int]) -> tuple[int, int]:

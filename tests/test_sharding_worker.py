@@ -32,7 +32,7 @@ PATCH = 4
 STEPS = 3
 EXTRA_STEPS = 2
 FSDP_MIN_SIZE = 1024
-MODEL = dict(width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
+MODEL = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
              posemb_grid=(IMAGE // PATCH, IMAGE // PATCH))
 
 MESHES = {  # name -> mesh axes; "single" runs on the first device only
@@ -247,7 +247,7 @@ def trainer_config(workdir_root: str):
 
     from flexvision.train import sharding
     config = flexivit_digits.get_config()
-    config.model.kwargs.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
+    config.model.kwargs.update({"embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
     config.input.data_dir = os.path.join(workdir_root, "tfds")
     config.input.batch_size = 16
     config.input.shuffle_buffer = 64

@@ -39,7 +39,7 @@ def tiny_config(data_dir, cache_dir, **overrides):
     """The demo config with a 1-block width-16 FlexiViT on 16 px digits, patch sizes {4, 8}."""
     config = flexivit_digits.get_config()
     config.model.kwargs = ml_collections.ConfigDict(
-        {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+        {"num_classes": 10, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
          "dropout": 0.1})
     config.input.data_dir = data_dir
     config.input.pp = "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)|onehot(10)"

@@ -19,11 +19,11 @@ import numpy as np
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel, torch_linear_kernel)
 from flexvision.layers.flex import to_pair
-from flexvision.models.vit import VisionTransformer
+from flexvision.models.vit import VisionTransformer, big_vision_aliases
 from flexvision.registry import list_models
 
 # timm VisionTransformer kwargs -> what they mean here. Any other kwarg is refused by name.
-_TIMM_POOL = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
+_TIMM_POOL = {"token": "token", "avg": "avg", "map": "map", "": "none"}
 _TIMM_IGNORED = {
     "dynamic_img_size": "flexvision models always accept any image size",
     "dynamic_img_pad": "flexvision never pads; a patch size that does not tile the image raises",
@@ -64,14 +64,15 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
                  tuple(g * p for g, p in zip(config["posemb_grid"], config["patch_size"])))
         config["patch_size"] = base_patch
         config["posemb_grid"] = (image[0] // base_patch[0], image[1] // base_patch[1])
-    renames = {"embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
+    renames = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads",
                "num_classes": "num_classes", "in_chans": "in_chans", "qkv_bias": "qkv_bias",
                "class_token": "class_token", "reg_tokens": "num_reg_tokens",
-               "drop_rate": "dropout", "drop_path_rate": "drop_path"}
+               "drop_rate": "drop_rate", "drop_path_rate": "drop_path_rate"}
     for timm_key, ours in renames.items():
         if timm_key in kwargs:
             config[ours] = kwargs.pop(timm_key)
-    config["mlp_dim"] = int(config["width"] * (mlp_ratio if mlp_ratio is not None else 4.0))
+    config["mlp_ratio"] = float(mlp_ratio if mlp_ratio is not None else 4.0)
+    config["mlp_dim"] = None  # timm: hidden width int(embed_dim * mlp_ratio)
     if "no_embed_class" in kwargs:
         config["posemb_prefix"] = not kwargs.pop("no_embed_class")
     fc_norm = kwargs.pop("fc_norm", None)
@@ -80,8 +81,8 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
         if pool not in _TIMM_POOL:
             raise ValueError(f"timm global_pool={pool!r} is not supported; accepted: "
                              f"{sorted(_TIMM_POOL)}")
-        config["pool_type"] = _TIMM_POOL[pool]
-    config["fc_norm"] = (config["pool_type"] == "gap") if fc_norm is None else bool(fc_norm)
+        config["global_pool"] = _TIMM_POOL[pool]
+    config["fc_norm"] = (config["global_pool"] == "avg") if fc_norm is None else bool(fc_norm)
     for key, accepted in (("pos_embed", "learn"), ("pre_norm", False), ("final_norm", True),
                           ("init_values", None), ("qk_norm", False), ("weight_init", "")):
         if key in kwargs and kwargs.pop(key) not in (accepted,):
@@ -200,15 +201,15 @@ def big_vision_config(flat: StateDict, posemb_grid: Any = None) -> dict[str, Any
     if any(k.startswith("MAPHead_0/") for k in flat):
         pool = "map"
     elif "cls" in flat:
-        pool = "tok"
+        pool = "token"
     else:
-        pool = "gap"
+        pool = "avg"
     return dict(
         num_classes=int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0,
         patch_size=tuple(int(s) for s in kernel.shape[:2]), posemb_grid=grid,
-        width=width, depth=len(blocks), num_heads=int(query.shape[1]),
+        embed_dim=width, depth=len(blocks), num_heads=int(query.shape[1]),
         mlp_dim=int(flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[-1]),
-        pool_type=pool, class_token=pool == "tok", posemb_prefix=False,
+        global_pool=pool, class_token=pool == "token", posemb_prefix=False,
         in_chans=int(kernel.shape[2]), resize="big_vision", gelu_approximate=True,
         head_zeroinit=True, fc_norm=False)
 
@@ -284,9 +285,12 @@ def _big_vision_params(flat: StateDict) -> dict[str, np.ndarray]:
 def convert_big_vision(state_dict: StateDict, **overrides: Any):
     """big_vision ViT arrays -> (VisionTransformer with big_vision semantics, variables).
 
-    The configuration is inferred from the arrays; ``overrides`` replace inferred fields. A
-    FlexiViT checkpoint evaluated at big_vision's ``seqhw`` uses ``patch_size = image // seqhw``.
+    The configuration is inferred from the arrays; ``overrides`` replace inferred fields (in
+    the module's names or big_vision's: ``pool_type="tok"`` = ``global_pool="token"``, see
+    :func:`flexvision.models.vit.big_vision_aliases`). A FlexiViT checkpoint evaluated at
+    big_vision's ``seqhw`` uses ``patch_size = image // seqhw``.
     """
+    overrides = big_vision_aliases(overrides)
     flat = _flat_big_vision(state_dict)
     config = {**big_vision_config(flat, overrides.get("posemb_grid")), **overrides}
     model = VisionTransformer(**config)

@@ -36,6 +36,7 @@ the 'batch_stats' collection must be mutable::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Sequence
 
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from flexvision.layers import common
 from flexvision.layers.flex import resize_bilinear, resize_nearest
+from flexvision.models.contract import Backbone, FeatureInfo, stage_strides
 from flexvision.registry import register_model
 
 BN_EPSILON = 1e-5
@@ -53,6 +55,7 @@ BN_MOMENTUM = 0.9
 # The classification neck's per-branch bottleneck widths (x4 expansion: 128, 256, 512, 1024).
 HEAD_CHANNELS = (32, 64, 128, 256)
 BOTTLENECK_EXPANSION = 4
+STEM_CHANNELS = 64  # the stem's second conv (timm: 64 whatever stem_width)
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, fan_out, relu
 
@@ -247,14 +250,6 @@ class ExchangeUnit(nn.Module):
         return fused
 
 
-def _check_images(images: jax.Array, in_chans: int, model: str) -> None:
-    if images.ndim != 4 or images.shape[-1] != in_chans:
-        raise ValueError(
-            f"{model} takes NHWC images of shape (batch, height, width, {in_chans}), got shape "
-            f"{tuple(images.shape)}; any height and width >= 1 work. Transpose NCHW input with "
-            f"x.transpose(0, 2, 3, 1).")
-
-
 class HRNetBackbone(nn.Module):
     """Stem (two stride-2 3x3 convs, to 1/4), stage 1 (bottlenecks), then stages 2-4 with their
     transitions. Returns the stem output and the branch outputs, high to low resolution:
@@ -273,7 +268,7 @@ class HRNetBackbone(nn.Module):
         kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
         x = _conv(self.stem_width, 3, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_norm(self, "bn1")(x, use_running_average=not train))
-        x = _conv(64, 3, 2, dtype=self.dtype, name="conv2")(x)
+        x = _conv(STEM_CHANNELS, 3, 2, dtype=self.dtype, name="conv2")(x)
         stem = nn.relu(_norm(self, "bn2")(x, use_running_average=not train))
 
         first = self.stages[0]
@@ -307,11 +302,22 @@ class HRNetBackbone(nn.Module):
         return out
 
 
-class HRNet(nn.Module):
+def hrnet_feature_info(stages: tuple[StageSpec, ...]) -> tuple[FeatureInfo, ...]:
+    """'stem' (stride 4, 64 channels) and 'stage1'..'stageN': branch k after the last exchange
+    unit, stride 4 * 2**(k-1), the last stage's widths. A map of stride s on an H x W input is
+    ceil(H / s) x ceil(W / s)."""
+    widths = stages[-1].out_channels
+    return (FeatureInfo("stem", (4, 4), STEM_CHANNELS),
+            *(FeatureInfo(f"stage{k + 1}", stride, width)
+              for k, (stride, width) in enumerate(zip(stage_strides(4, len(widths)), widths))))
+
+
+class HRNet(Backbone):
     """HRNet image classifier (timm ``HighResolutionNet``, head='classification').
 
     ``apply(v, x)`` -> logits; ``apply(v, x, method="features")`` -> dict with 'stem' (1/4,
-    64 channels), 'branch1'..'branch4' (1/4 .. 1/32), 'pre_logits' (pooled 2048 features).
+    64 channels), 'stage1'..'stage4' (the branches, 1/4 .. 1/32), 'pre_logits' (pooled 2048
+    features).
     """
 
     stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w18"]
@@ -324,21 +330,25 @@ class HRNet(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self._forward(images, train)["logits"]
 
-    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         outputs = self._forward(images, train)
         del outputs["logits"]
         return outputs
 
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return hrnet_feature_info(self.stages)
+
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
-        _check_images(images, self.in_chans, type(self).__name__)
+        self._check_inputs(images)
         kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
         stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw, name="backbone")(
             images, train)
-        outputs = {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)}}
+        outputs = collections.OrderedDict(
+            stem=stem, **{f"stage{k + 1}": b for k, b in enumerate(branches)})
 
         y = None
         for i, branch in enumerate(branches):
@@ -355,8 +365,9 @@ class HRNet(nn.Module):
         pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
         outputs["pre_logits"] = pooled
         pooled = nn.Dropout(self.drop_rate, deterministic=not train)(pooled)
-        logits = common.dense(self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
-                              name="classifier")(pooled)
+        logits = pooled if self.num_classes == 0 else common.dense(
+            self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
+            name="classifier")(pooled)
         outputs["logits"] = logits.astype(jnp.float32)
         return outputs
 
@@ -382,18 +393,21 @@ class HRNetV2Head(nn.Module):
         y = ConvNormAct(y.shape[-1], 1, use_bias=True, bn_momentum=self.bn_momentum,
                         dtype=self.dtype, name="last_layer")(y, train)
         representation = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
+        if self.num_classes == 0:  # no classifier: the representation is the output
+            return representation, representation
         y = nn.Dropout(self.drop_rate, deterministic=not train)(representation)
         logits = common.conv(self.num_classes, (1, 1), padding="VALID", dtype=self.dtype,
                              name="classifier")(y)
         return representation, logits
 
 
-class HRNetSegmentation(nn.Module):
+class HRNetSegmentation(Backbone):
     """HRNetV2 semantic segmentation: :class:`HRNetBackbone` + :class:`HRNetV2Head` ('head').
 
     ``apply(v, x)`` -> per-pixel logits (B, ceil(H/4), ceil(W/4), num_classes); upsample them to
-    the label size for the loss. ``method="features"`` -> 'stem', 'branch1'..'branch4' and
-    'pre_logits' (the per-pixel representation before the classifier).
+    the label size for the loss. ``method="features"`` -> 'stem', 'stage1'..'stage4' (the
+    branches) and 'pre_logits' (here the per-pixel representation before the classifier, an
+    NHWC map at stride 4).
     """
 
     stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w48"]
@@ -404,23 +418,27 @@ class HRNetSegmentation(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self._forward(images, train)["logits"]
 
-    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         outputs = self._forward(images, train)
         del outputs["logits"]
         return outputs
 
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return hrnet_feature_info(self.stages)
+
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
-        _check_images(images, self.in_chans, type(self).__name__)
+        self._check_inputs(images)
         stem, branches = HRNetBackbone(self.stages, self.stem_width, bn_momentum=self.bn_momentum,
                                        dtype=self.dtype, name="backbone")(images, train)
         representation, logits = HRNetV2Head(self.num_classes, self.drop_rate, self.bn_momentum,
                                              self.dtype, name="head")(branches, train)
-        return {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)},
-                "pre_logits": representation, "logits": logits.astype(jnp.float32)}
+        return collections.OrderedDict(
+            stem=stem, **{f"stage{k + 1}": b for k, b in enumerate(branches)},
+            pre_logits=representation, logits=logits.astype(jnp.float32))
 
 
 for _name, _stages in HRNET_STAGES.items():
@@ -428,6 +446,12 @@ for _name, _stages in HRNET_STAGES.items():
                    description=f"timm {_name}: HRNet classifier (incre neck, 2048-d pool)")
     register_model(f"{_name}_seg", HRNetSegmentation, family="hrnet", stages=_stages,
                    description=f"HRNetV2 segmentation head on the {_name} backbone")
+register_model("hrnet_micro", HRNet, family="hrnet", tiny=True,
+               stages=hrnet_stages(8, stage1_blocks=1, stage1_width=8, blocks=1,
+                                   modules=(1, 1, 1))[:3],
+               stem_width=8, num_features=64,
+               description="micro HRNet for CPU tests: three stages (branches at strides 4, 8, "
+                           "16 of width 8, 16, 32), one block per branch, 64-d pool")
 for _name in ("hrnet_w18", "hrnet_w48"):
     register_model(f"{_name}_ssld", HRNet, family="hrnet", stages=HRNET_STAGES[_name],
                    head_conv_bias=False,

@@ -126,10 +126,9 @@ def make_teacher_targets(teacher: Teacher) -> Callable:
 
 
 def _native_size(model: nn.Module) -> int:
-    """An input side every parameter shape is defined at: posemb grid x patch for ViTs."""
-    if hasattr(model, "posemb_grid") and hasattr(model, "patch_size"):
-        return flex.to_pair(model.posemb_grid)[0] * flex.to_pair(model.patch_size)[0]
-    return 224
+    """An input side every parameter shape is defined at (the model contract's
+    ``input_shape``: posemb grid x patch for ViTs)."""
+    return model.input_shape()[0]
 
 
 def _teacher_from_workdir(workdir: str, mesh, sharding_config):
@@ -155,7 +154,7 @@ def _teacher_from_workdir(workdir: str, mesh, sharding_config):
     with teacher_config.unlocked():
         teacher_config.sharding = sharding_config or ml_collections.ConfigDict()
     abstract, _ = trainer.abstract_train_state(
-        model, tx, (image_size, image_size, getattr(model, "in_chans", 3)), teacher_config, mesh)
+        model, tx, (image_size, image_size, model.in_chans), teacher_config, mesh)
     state, _ = checkpointer.restore(step, abstract)
     checkpointer.close()
     return model, trainer.eval_variables(state)
@@ -164,7 +163,7 @@ def _teacher_from_workdir(workdir: str, mesh, sharding_config):
 def _place_like_student(model, variables, mesh, sharding_config, image_size: int):
     """Puts imported teacher variables onto the mesh with the student's sharding rules."""
     abstract = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, image_size, image_size, getattr(model, "in_chans", 3))),
+        jax.random.key(0), jnp.zeros((1, image_size, image_size, model.in_chans)),
         train=False))
     shardings = sharding.tree_shardings(abstract, mesh, sharding_config)
     shardings = jax.tree_util.tree_map(
