@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from flexvision.detection.roi_align import roi_align
+from flexvision.detection.roi_align import roi_align_rows
 from flexvision.layers.flex import to_pair
 
 
@@ -81,16 +81,34 @@ def paste_masks(masks: jax.Array, boxes: jax.Array, image_size: Sequence[int],
 
 
 def mask_targets(gt_masks: jax.Array, boxes: jax.Array, matched_idxs: jax.Array,
-                 mask_size: int | Sequence[int], max_grid=None) -> jax.Array:
+                 mask_size: int | Sequence[int], image_hw: jax.Array | None = None,
+                 max_grid=None) -> jax.Array:
     """Mask R-CNN targets: gt_masks (G, H, W) (0/1, any dtype) RoIAligned onto boxes (P, 4).
 
     Box p reads ground-truth mask ``matched_idxs[p]``; torchvision project_masks_on_boxes:
     ``roi_align(gt_masks[:, None], boxes, mask_size, spatial_scale=1, sampling_ratio=0,
-    aligned=False)`` -> (P, M, M) float32 (not binarised). Adaptive sampling under the static
-    cap of :func:`roi_align` (exact for boxes no larger than the mask, e.g. clipped proposals).
+    aligned=False)`` -> (P, M, M) float32 (not binarised). ``image_hw`` (2,) (traced) is the
+    image's own size when the masks are padded to a larger (H, W): the kernel's border rules
+    then apply at the image's edge, as for the unpadded masks torchvision sees. Adaptive
+    sampling under a static cap per axis (``max_grid``; default ceil(H / M), ceil(W / M), exact
+    for boxes inside the masks, e.g. clipped proposals and ground truth).
     """
     if gt_masks.ndim != 3:
         raise ValueError(f"gt_masks must be (G, H, W), got shape {tuple(gt_masks.shape)}")
-    out = roi_align(jnp.asarray(gt_masks, jnp.float32)[..., None], boxes, matched_idxs,
-                    mask_size, 1.0, 0, False, max_grid=max_grid)
+    g, h, w = gt_masks.shape
+    size = to_pair(mask_size, "mask_size")
+    boxes = jnp.asarray(boxes, jnp.float32)
+    k = boxes.shape[0]
+    cap = (to_pair(max_grid, "max_grid") if max_grid is not None else
+           (max(1, -(-h // size[0])), max(1, -(-w // size[1]))))
+    if image_hw is None:
+        extent_h, extent_w = jnp.full((k,), h, jnp.int32), jnp.full((k,), w, jnp.int32)
+    else:
+        image_hw = jnp.asarray(image_hw, jnp.int32)
+        extent_h = jnp.full((k,), jnp.clip(image_hw[0], 1, h), jnp.int32)
+        extent_w = jnp.full((k,), jnp.clip(image_hw[1], 1, w), jnp.int32)
+    index = jnp.clip(jnp.asarray(matched_idxs, jnp.int32), 0, g - 1)
+    table = jnp.asarray(gt_masks, jnp.float32).reshape(g * h * w, 1)
+    out = roi_align_rows(table, index * (h * w), extent_h, extent_w, jnp.float32(1.0), boxes, size,
+                     0, False, cap, pitch=jnp.full((k,), w, jnp.int32))
     return out[..., 0]

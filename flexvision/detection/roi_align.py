@@ -99,13 +99,16 @@ def _axis_taps(start, bin_size, grid, sample, pooled: int, size):
     return low, high, w_low, w_high
 
 
-def _pool_flat(table, row_base, height, width, scale, boxes, output_size, sampling_ratio,
-               aligned, max_grid):
+def roi_align_rows(table, row_base, height, width, scale, boxes, output_size, sampling_ratio,
+               aligned, max_grid, pitch=None):
     """RoIAlign over maps stored as rows of ``table`` (N, C).
 
-    Roi k reads the map whose pixel (y, x) is row ``row_base[k] + y * width[k] + x``; its
-    boxes are scaled by ``scale[k]``. All per-roi arrays (K,). Returns (K, PH, PW, C).
+    Roi k reads the map of extent ``height[k] x width[k]`` whose pixel (y, x) is row
+    ``row_base[k] + y * pitch[k] + x`` (pitch defaults to width: a padded map read only up to
+    an image's own extent has pitch > width); its boxes are scaled by ``scale[k]``. All per-roi
+    arrays (K,). Returns (K, PH, PW, C).
     """
+    pitch = width if pitch is None else pitch
     ph, pw = output_size
     boxes = jnp.asarray(boxes, jnp.float32)
     finite = jnp.all(jnp.isfinite(boxes), axis=-1)
@@ -131,7 +134,7 @@ def _pool_flat(table, row_base, height, width, scale, boxes, output_size, sampli
         wy = jnp.stack([wylo, wyhi], -1)
         wx = jnp.stack([wxlo, wxhi], -1)
         idx = (row_base[:, None, None, None, None]
-               + rows[:, :, :, None, None] * width[:, None, None, None, None]
+               + rows[:, :, :, None, None] * pitch[:, None, None, None, None]
                + cols[:, None, None, :, :])  # (K, PH, 2, PW, 2)
         corners = jnp.take(table, idx.reshape(-1), axis=0).reshape(k, ph, 2, pw, 2, c)
         return jnp.einsum("kpa,kqb,kpaqbc->kpqc", wy, wx, corners.astype(jnp.float32),
@@ -198,7 +201,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_image_index: jax.Array,
            _resolve_cap(max_grid, boxes, output_size, (spatial_scale,), aligned, ((h, w),)))
     k = boxes.shape[0]
     index = jnp.clip(box_image_index.astype(jnp.int32), 0, b - 1)
-    return _pool_flat(features.reshape(b * h * w, c), index * (h * w),
+    return roi_align_rows(features.reshape(b * h * w, c), index * (h * w),
                       jnp.full((k,), h, jnp.int32), jnp.full((k,), w, jnp.int32),
                       jnp.float32(spatial_scale), boxes, output_size, int(sampling_ratio),
                       bool(aligned), cap)
@@ -308,6 +311,6 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     else:
         cap = (max(math.ceil(h / output_size[0]) for h, _ in sizes),
                max(math.ceil(w / output_size[1]) for _, w in sizes))
-    pooled = _pool_flat(table, lv_base + index * lv_h * lv_w, lv_h, lv_w, lv_scale, boxes,
+    pooled = roi_align_rows(table, lv_base + index * lv_h * lv_w, lv_h, lv_w, lv_scale, boxes,
                         output_size, int(sampling_ratio), False, cap)
     return pooled, levels
