@@ -2,8 +2,9 @@
 fastrcnn_loss and maskrcnn_loss). L = L_cls + L_box + L_mask (He et al. 2017, sec. 3).
 
 Sampled sets are boolean masks (or index arrays with a validity mask); every mean divides by
-the number of real samples (at least 1), and masked-out entries never reach the sums (``where``,
-not a multiply, so NaN/inf targets of unmatched entries cannot leak in).
+the number of real samples (at least 1). Masked-out entries are replaced by zeros BEFORE any
+nonlinearity (``where`` on the difference, not a multiply afterwards), so the NaN/inf regression
+targets of unmatched or padding entries reach neither the losses nor their gradients.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def rpn_loss(objectness: jax.Array, box_deltas: jax.Array, labels: jax.Array,
     count = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
     bce = bce_with_logits(objectness.astype(jnp.float32), labels.astype(jnp.float32))
     loss_obj = _masked_sum(bce, sampled) / count
-    box = jnp.sum(smooth_l1(box_deltas.astype(jnp.float32) - regression_targets, beta), axis=-1)
-    return loss_obj, _masked_sum(box, sampled_pos) / count
+    diff = jnp.where(sampled_pos[..., None], box_deltas.astype(jnp.float32) - regression_targets,
+                     0.0)
+    return loss_obj, jnp.sum(smooth_l1(diff, beta)) / count
 
 
 def fastrcnn_loss(class_logits: jax.Array, box_regression: jax.Array, labels: jax.Array,
@@ -64,8 +66,8 @@ def fastrcnn_loss(class_logits: jax.Array, box_regression: jax.Array, labels: ja
     loss_cls = _masked_sum(ce, valid) / count
     per_class = box_regression.reshape(box_regression.shape[0], -1, 4).astype(jnp.float32)
     own = jnp.take_along_axis(per_class, labels[:, None, None], axis=1)[:, 0]
-    box = jnp.sum(smooth_l1(own - regression_targets, beta), axis=-1)
-    return loss_cls, _masked_sum(box, valid & (labels > 0)) / count
+    diff = jnp.where((valid & (labels > 0))[:, None], own - regression_targets, 0.0)
+    return loss_cls, jnp.sum(smooth_l1(diff, beta)) / count
 
 
 def maskrcnn_loss(mask_logits: jax.Array, labels: jax.Array, mask_targets: jax.Array,
