@@ -3,6 +3,7 @@ empty ground truth, and the errors/behaviours for bad input."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +177,11 @@ def test_feature_and_box_layout_errors():
         det.anchor_grid((64, 64), [(16, 16), (8, 8)], ((32,), (64,), (128,)), ((1.0,),))
     with pytest.raises(ValueError, match="x1, y1, x2, y2"):
         det.box_iou(jnp.zeros((3, 5)), jnp.zeros((2, 4)))
+
+
+def test_every_parameter_has_logical_axis_names(setup):
+    _, _, _, variables, _ = setup
+    leaves = jax.tree_util.tree_leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim and all(leaf.names)

@@ -10,5 +10,6 @@ from flexvision.detection.anchors import anchor_grid, anchor_strides, cell_ancho
 from flexvision.detection.boxes import (batched_nms, box_area, box_iou, check_boxes, clip_boxes,
                                         decode_boxes, encode_boxes, large_enough, nms)
 from flexvision.detection.masks import expanded_boxes_int, mask_targets, paste_masks
-from flexvision.detection.roi_align import (adaptive_grid, infer_scales, level_for_boxes,
+from flexvision.detection.roi_align import (FlatPyramid, adaptive_grid, flatten_pyramid,
+                                            infer_scales, level_for_boxes,
                                             multiscale_roi_align, roi_align)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -268,7 +268,34 @@ def check_pyramid(features: Sequence[jax.Array], what: str = "features") -> int:
     return channels[0]
 
 
-def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
+class FlatPyramid(NamedTuple):
+    """NHWC pyramid levels stored as one table of rows, for :func:`multiscale_roi_align`.
+
+    table (sum_L B*h_L*w_L, C) float32, level L's pixel (b, y, x) at row
+    ``bases[L] + (b * h_L + y) * w_L + x``; ``sizes`` the static (h_L, w_L); ``batch`` B.
+    """
+
+    table: jax.Array
+    bases: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
+    batch: int
+
+
+def flatten_pyramid(features: Sequence[jax.Array]) -> FlatPyramid:
+    """Concatenates NHWC levels (one batch, one channel count) into a :class:`FlatPyramid`.
+
+    This is one copy of the pyramid; build it once when several poolers read the same levels
+    (the box and the mask branch of Mask R-CNN).
+    """
+    channels = check_pyramid(features)
+    b = features[0].shape[0]
+    sizes = tuple((int(f.shape[1]), int(f.shape[2])) for f in features)
+    bases = tuple(int(x) for x in np.cumsum([0] + [b * h * w for h, w in sizes[:-1]]))
+    table = jnp.concatenate([f.reshape(-1, channels).astype(jnp.float32) for f in features])
+    return FlatPyramid(table, bases, sizes, b)
+
+
+def multiscale_roi_align(features: Sequence[jax.Array] | FlatPyramid, boxes: jax.Array,
                          box_image_index: jax.Array, output_size: int | Sequence[int],
                          sampling_ratio: int, scales: Sequence[float],
                          canonical_scale: float = 224.0, canonical_level: int = 4,
@@ -276,36 +303,34 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     """MultiScaleRoIAlign: each box pooled from its LevelMapper level -> ((K, PH, PW, C), levels).
 
     ``features``: NHWC maps of the pooled levels, finest first (only the levels torchvision's
-    ``featmap_names`` selects; the caller drops e.g. 'pool'). ``scales``: each level's
-    spatial scale (static; :func:`infer_scales`); k_min/k_max are ``-log2`` of the first/last.
-    Roi align with ``aligned=False`` (torchvision's pooler). All levels are one flat table of
-    rows, so every box is sampled once at its own level: the cost of one :func:`roi_align`
-    call, not one per level.
+    ``featmap_names`` selects; the caller drops e.g. 'pool'), or their :func:`flatten_pyramid`.
+    ``scales``: each level's spatial scale (static; :func:`infer_scales`); k_min/k_max are
+    ``-log2`` of the first/last. RoIAlign with ``aligned=False`` (torchvision's pooler). All
+    levels are one flat table of rows, so every box is sampled once at its own level: the cost
+    of one :func:`roi_align` call (plus one copy of the pyramid when given a list), not one per
+    level. Returns the pooled features and each box's level index (K,) int32.
     """
-    channels = check_pyramid(features)
+    pyramid = features if isinstance(features, FlatPyramid) else flatten_pyramid(features)
     boxes = jnp.asarray(boxes)
     box_image_index = jnp.asarray(box_image_index)
     _check_rois(boxes, box_image_index)
-    if len(scales) != len(features):
-        raise ValueError(f"got {len(features)} feature maps but {len(scales)} scales; pass one "
-                         f"scale per pooled level")
+    if len(scales) != len(pyramid.sizes):
+        raise ValueError(f"got {len(pyramid.sizes)} feature maps but {len(scales)} scales; pass "
+                         f"one scale per pooled level")
     output_size = to_pair(output_size, "output_size")
     k_min = int(round(-math.log2(scales[0])))
     k_max = int(round(-math.log2(scales[-1])))
-    if k_max - k_min + 1 != len(features):
+    if k_max - k_min + 1 != len(pyramid.sizes):
         raise ValueError(f"scales {list(scales)} span levels {k_min}..{k_max} but "
-                         f"{len(features)} maps were given; MultiScaleRoIAlign needs one map per "
-                         f"level between the first and the last scale")
+                         f"{len(pyramid.sizes)} maps were given; MultiScaleRoIAlign needs one map "
+                         f"per level between the first and the last scale")
     levels = level_for_boxes(boxes, k_min, k_max, canonical_scale, canonical_level, eps)
-    b = features[0].shape[0]
-    sizes = [(f.shape[1], f.shape[2]) for f in features]
-    bases = np.cumsum([0] + [b * h * w for h, w in sizes[:-1]])
-    table = jnp.concatenate([f.reshape(-1, channels).astype(jnp.float32) for f in features])
-    index = jnp.clip(box_image_index.astype(jnp.int32), 0, b - 1)
+    sizes = pyramid.sizes
+    index = jnp.clip(box_image_index.astype(jnp.int32), 0, pyramid.batch - 1)
     lv_h = jnp.asarray(np.array([h for h, _ in sizes], np.int32))[levels]
     lv_w = jnp.asarray(np.array([w for _, w in sizes], np.int32))[levels]
     lv_scale = jnp.asarray(np.array(scales, np.float32))[levels]
-    lv_base = jnp.asarray(bases.astype(np.int32))[levels]
+    lv_base = jnp.asarray(np.array(pyramid.bases, np.int32))[levels]
     if sampling_ratio > 0:
         cap = (int(sampling_ratio),) * 2
     elif max_grid is not None:
@@ -313,6 +338,6 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     else:
         cap = (max(math.ceil(h / output_size[0]) for h, _ in sizes),
                max(math.ceil(w / output_size[1]) for _, w in sizes))
-    pooled = roi_align_rows(table, lv_base + index * lv_h * lv_w, lv_h, lv_w, lv_scale, boxes,
-                        output_size, int(sampling_ratio), False, cap)
+    pooled = roi_align_rows(pyramid.table, lv_base + index * lv_h * lv_w, lv_h, lv_w, lv_scale,
+                            boxes, output_size, int(sampling_ratio), False, cap)
     return pooled, levels

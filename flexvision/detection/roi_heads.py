@@ -21,7 +21,8 @@ from flexvision.detection.boxes import (batched_nms, box_iou, clip_boxes, decode
                                         encode_boxes, finite_boxes, large_enough)
 from flexvision.detection.losses import fastrcnn_loss, maskrcnn_loss
 from flexvision.detection.masks import mask_targets
-from flexvision.detection.roi_align import check_pyramid, infer_scales, multiscale_roi_align
+from flexvision.detection.roi_align import (FlatPyramid, check_pyramid, flatten_pyramid,
+                                            infer_scales, multiscale_roi_align)
 from flexvision.detection.targets import balanced_sample, match_boxes, sampled_indices
 from flexvision.layers import common
 
@@ -221,9 +222,12 @@ class RoIHeads(nn.Module):
                                                     dtype=self.dtype)
 
     def _pool(self, features, boxes, image_shape, output_size, sampling_ratio):
-        """(B, N, 4) boxes -> (B * N, S, S, C) pooled from their FPN levels."""
-        scales = infer_scales(tuple((f.shape[1], f.shape[2]) for f in features),
-                              tuple(int(s) for s in image_shape))
+        """(B, N, 4) boxes -> (B * N, S, S, C) pooled from their FPN levels.
+
+        ``features``: the NHWC levels or their flatten_pyramid (built once per forward)."""
+        if not isinstance(features, FlatPyramid):
+            features = flatten_pyramid(features)
+        scales = infer_scales(features.sizes, tuple(int(s) for s in image_shape))
         b, n = boxes.shape[:2]
         index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
         pooled, _ = multiscale_roi_align(features, boxes.reshape(-1, 4), index, output_size,
@@ -259,6 +263,7 @@ class RoIHeads(nn.Module):
         if proposals.shape[0] != features[0].shape[0]:
             raise ValueError(f"proposals hold {proposals.shape[0]} images, features "
                              f"{features[0].shape[0]}")
+        features = flatten_pyramid(features)
         if train:
             return self.losses(features, proposals, proposal_valid, image_sizes, image_shape,
                                targets)
