@@ -131,7 +131,7 @@ def test_images_without_objects_train_as_background(setup):
 
 def test_too_many_objects_names_capacity_and_config_key():
     boxes = [np.tile(np.array([[1, 1, 5, 5]], np.float32), (CAPACITY + 1, 1))]
-    with pytest.raises(ValueError, match=rf"capacity is {CAPACITY}.*'max_objects'"):
+    with pytest.raises(ValueError, match=rf"capacity is {CAPACITY}.*'max_instances'"):
         targets_lib.pad_targets(boxes, [np.ones(CAPACITY + 1, int)], CAPACITY)
 
 

@@ -21,9 +21,12 @@ BETWEEN_THRESHOLDS = -2
 
 
 def pad_targets(boxes: Sequence, labels: Sequence, capacity: int, masks: Sequence | None = None,
-                mask_hw: Sequence[int] | None = None, capacity_key: str = "max_objects"
+                mask_hw: Sequence[int] | None = None, capacity_key: str = "max_instances"
                 ) -> dict[str, np.ndarray]:
     """Host-side padding of per-image ground truth to ``capacity`` objects (NumPy, before jit).
+
+    For in-memory data (tests, notebooks); the tf.data pipeline pads with the ``det_pad`` op
+    (flexvision.data.ops), whose keys (boxes, labels, masks, valid) these match.
 
     boxes: per image (G_i, 4) (x1, y1, x2, y2) pixels; labels: per image (G_i,) ints >= 1;
     masks (optional): per image (G_i, h_i, w_i) 0/1, padded to ``mask_hw`` (the padded batch).
