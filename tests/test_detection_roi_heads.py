@@ -87,3 +87,18 @@ def test_postprocess_and_masks_under_jit(heads_case):
         assert_parity(out["scores"][i][:n], arrays[f"detections/scores/{i}"], f"scores {i}")
         assert_parity(out["masks"][i][:n], arrays[f"detections/masks/{i}"][:, 0], f"masks {i}")
         assert not out["masks"][i][n:].any() and not out["scores"][i][n:].any()
+
+
+def test_legacy_torchvision_names_load_the_same_weights(heads_case):
+    arrays, model, variables, *_ = heads_case
+    legacy = {}
+    for name, value in state_dict_of(arrays).items():
+        parts = name.split(".")
+        if parts[0] == "mask_head":  # mask_head.{i}.0.weight -> mask_head.mask_fcn{i+1}.weight
+            name = f"mask_head.mask_fcn{int(parts[1]) + 1}.{parts[-1]}"
+        legacy[f"roi_heads.{name}"] = value
+    legacy["backbone.body.conv1.weight"] = np.zeros((1,), np.float32)  # other parts: ignored
+    _, legacy_vars = convert.from_torchvision("roi_heads", legacy,
+                                              box_output_size=model.box_output_size)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(legacy_vars)):
+        np.testing.assert_array_equal(a, b)

@@ -109,3 +109,12 @@ def test_nchw_features_are_rejected(rpn_case):
     nchw = [np.transpose(f, (0, 3, 1, 2)) for f in features]
     with pytest.raises(ValueError, match="NHWC"):
         model.apply(variables, nchw, arrays["image_sizes"], padded)
+
+
+def test_legacy_torchvision_names_load_the_same_weights(rpn_case):
+    arrays, _, _, variables, _ = rpn_case
+    legacy = {"rpn." + k.replace("head.conv.0.0.", "head.conv."): v
+              for k, v in state_dict_of(arrays).items()}
+    _, legacy_vars = convert.from_torchvision("rpn", legacy)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(legacy_vars)):
+        np.testing.assert_array_equal(a, b)

@@ -6,7 +6,9 @@
 
 ``state_dict`` is torchvision's own (names as ``RegionProposalNetwork.state_dict()`` /
 ``RoIHeads.state_dict()``, or a whole MaskRCNN's with its ``rpn.`` / ``roi_heads.`` prefixes:
-the part's entries are picked and the rest ignored). Widths, depths and class counts are read
+the part's entries are picked and the rest ignored). The names of torchvision < 0.13, in which
+its published COCO checkpoints are saved (``rpn.head.conv.weight``,
+``roi_heads.mask_head.mask_fcn1.weight``), are read too. Widths, depths and class counts are read
 from the arrays; the kwargs are the flexvision module's fields (thresholds, pool sizes, ...).
 torchvision's fc6 flattens pooled features (C, PH, PW); flexvision pools NHWC and flattens
 (PH, PW, C), so fc6's input rows are permuted once here.
@@ -54,8 +56,12 @@ def _dense(sd, name, part):
 def rpn_params(state_dict: StateDict) -> tuple[dict, int]:
     """(flax params of RegionProposalNetwork, conv_depth) from torchvision RPN names."""
     sd = _part(state_dict, "rpn")
-    depth = len({k.split(".")[2] for k in sd if k.startswith("head.conv.")})
-    head = {f"conv_{i}": _conv(sd, f"head.conv.{i}.0", "rpn") for i in range(depth)}
+    if "head.conv.weight" in sd:  # torchvision < 0.13 (and its published COCO weights)
+        head = {"conv_0": _conv(sd, "head.conv", "rpn")}
+        depth = 1
+    else:
+        depth = len({k.split(".")[2] for k in sd if k.startswith("head.conv.")})
+        head = {f"conv_{i}": _conv(sd, f"head.conv.{i}.0", "rpn") for i in range(depth)}
     head["cls_logits"] = _conv(sd, "head.cls_logits", "rpn")
     head["bbox_pred"] = _conv(sd, "head.bbox_pred", "rpn")
     return {"head": head}, depth
@@ -86,8 +92,11 @@ def roi_heads_params(state_dict: StateDict, box_output_size: int = 7) -> tuple[d
               "with_masks": any(k.startswith("mask_head.") for k in sd)}
     if fields["with_masks"]:
         depth = len({k.split(".")[1] for k in sd if k.startswith("mask_head.")})
-        params["mask_head"] = {f"conv_{i}": _conv(sd, f"mask_head.{i}.0", "roi_heads")
-                               for i in range(depth)}
+        # torchvision < 0.13 (and its published COCO weights) names the convs mask_fcn1..N.
+        legacy = "mask_head.mask_fcn1.weight" in sd
+        params["mask_head"] = {
+            f"conv_{i}": _conv(sd, f"mask_head.mask_fcn{i + 1}" if legacy else f"mask_head.{i}.0",
+                               "roi_heads") for i in range(depth)}
         up = _get(sd, "mask_predictor.conv5_mask.weight", "roi_heads")  # (in, out, 2, 2)
         params["mask_predictor"] = {
             "kernel": np.ascontiguousarray(up.transpose(2, 3, 0, 1)),

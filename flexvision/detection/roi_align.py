@@ -192,6 +192,10 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_image_index: jax.Array,
     ``sampling_ratio > 0`` samples that many points per bin axis; ``<= 0`` is adaptive
     (ceil(roi / output) per roi) under the static cap ``max_grid`` (module docstring).
     Boxes with non-finite coordinates give zeros.
+
+    Cost: K*PH*PW*gh*gw*4 gathered C-vectors, 2 FLOPs per gathered element, bytes read
+    4 * that * itemsize (gh = gw = sampling_ratio, or the cap when adaptive); no intermediate
+    larger than the output.
     """
     _check_features(features)
     boxes = jnp.asarray(boxes)
@@ -229,7 +233,9 @@ def _level_area_thresholds(k_min: int, k_max: int, canonical_scale: float, canon
                            eps: float) -> np.ndarray:
     """Areas at which LevelMapper's level steps up: level >= k iff area >= T_k (float64)."""
     ks = np.arange(k_min + 1, k_max + 1, dtype=np.float64)
-    return (canonical_scale * 2.0 ** (ks - canonical_level - eps)) ** 2
+    thresholds = (canonical_scale * 2.0 ** (ks - canonical_level - eps)) ** 2
+    thresholds.setflags(write=False)
+    return thresholds
 
 
 def level_for_boxes(boxes: jax.Array, k_min: int, k_max: int, canonical_scale: float = 224.0,
