@@ -23,7 +23,8 @@ from flexvision.models.vit import VisionTransformer
 from flexvision.registry import list_models
 
 # timm VisionTransformer kwargs -> what they mean here. Any other kwarg is refused by name.
-_TIMM_POOL = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
+_TIMM_POOL = {"token": "tok", "avg": "gap", "max": "max", "avgmax": "avgmax", "map": "map",
+              "prr": "prr", "": "none"}
 _TIMM_IGNORED = {
     "dynamic_img_size": "flexvision models always accept any image size",
     "dynamic_img_pad": "flexvision never pads; a patch size that does not tile the image raises",
@@ -67,7 +68,8 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
     renames = {"embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
                "num_classes": "num_classes", "in_chans": "in_chans", "qkv_bias": "qkv_bias",
                "class_token": "class_token", "reg_tokens": "num_reg_tokens",
-               "drop_rate": "dropout", "drop_path_rate": "drop_path"}
+               "drop_rate": "dropout", "drop_path_rate": "drop_path",
+               "pool_include_prefix": "pool_include_prefix"}
     for timm_key, ours in renames.items():
         if timm_key in kwargs:
             config[ours] = kwargs.pop(timm_key)
@@ -81,7 +83,9 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
             raise ValueError(f"timm global_pool={pool!r} is not supported; accepted: "
                              f"{sorted(_TIMM_POOL)}")
         config["pool_type"] = _TIMM_POOL[pool]
-    config["fc_norm"] = (config["pool_type"] == "gap") if fc_norm is None else bool(fc_norm)
+    if fc_norm is None:  # timm: fc_norm defaults to on for the reductions, off otherwise
+        fc_norm = config["pool_type"] in ("gap", "max", "avgmax")
+    config["fc_norm"] = bool(fc_norm)
     for key, accepted in (("pos_embed", "learn"), ("pre_norm", False), ("final_norm", True),
                           ("init_values", None), ("qk_norm", False), ("weight_init", "")):
         if key in kwargs and kwargs.pop(key) not in (accepted,):
@@ -91,7 +95,7 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"timm kwargs {sorted(kwargs)} are not supported by flexvision's ViT "
                          f"importer; supported: img_size, patch_size, embed_dim, depth, num_heads, "
                          f"mlp_ratio, num_classes, in_chans, qkv_bias, class_token, reg_tokens, "
-                         f"no_embed_class, global_pool, fc_norm, drop_rate, drop_path_rate, "
+                         f"no_embed_class, global_pool, pool_include_prefix, fc_norm, drop_rate, drop_path_rate, "
                          f"{sorted(_TIMM_IGNORED)}")
     config["resize"] = "timm"
     config["gelu_approximate"] = False
