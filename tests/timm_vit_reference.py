@@ -89,11 +89,13 @@ def _attention_pool_prr(x, num_heads, reduce):
 
 
 def forward(state: dict[str, np.ndarray], images: np.ndarray, *, num_heads: int,
-            global_pool: str = "token", pool_include_prefix: bool = False) -> dict[str, np.ndarray]:
+            global_pool: str = "token", pool_include_prefix: bool = False,
+            dynamic_img_pad: bool = False) -> dict[str, np.ndarray]:
     """timm VisionTransformer eval forward; returns {'pre_logits': ..., 'logits': ...}.
 
     state: timm state_dict names and PyTorch layouts (Linear (out, in), Conv2d (out, in, kh, kw)).
-    images: NHWC, (B, H, W, C) with H, W the checkpoint's image size (no posemb resampling).
+    images: NHWC, (B, H, W, C) with H, W the checkpoint's image size (no posemb resampling),
+    or less by up to a patch with ``dynamic_img_pad`` (PatchEmbed pads bottom/right with zeros).
     """
     if global_pool not in POOLS:
         raise ValueError(f"global_pool={global_pool!r}; timm accepts {POOLS}")
@@ -101,6 +103,9 @@ def forward(state: dict[str, np.ndarray], images: np.ndarray, *, num_heads: int,
     images = np.asarray(images, np.float64)
     weight = state["patch_embed.proj.weight"]  # (D, C, ph, pw)
     width, _, ph, pw = weight.shape
+    if dynamic_img_pad:
+        pad_h, pad_w = -images.shape[1] % ph, -images.shape[2] % pw
+        images = np.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     batch, height, img_w, chans = images.shape
     gh, gw = height // ph, img_w // pw
     patches = images[:, :gh * ph, :gw * pw].reshape(batch, gh, ph, gw, pw, chans)

@@ -145,6 +145,8 @@ class VisionTransformer(nn.Module):
         False = timm ``no_embed_class`` / big_vision.
       resize: 'timm' or 'big_vision': whose interpolation PI-resize and posemb resampling
         reproduce.
+      dynamic_img_pad: zero-pad images at the bottom/right to a multiple of the patch size
+        (timm ``dynamic_img_pad``) instead of raising when the patch does not tile them.
       fc_norm: the final norm is applied after pooling (timm's default for 'gap', 'max' and
         'avgmax') instead of to
         every token before pooling (big_vision, timm 'token'/'map').
@@ -166,6 +168,7 @@ class VisionTransformer(nn.Module):
     num_reg_tokens: int = 0
     posemb_prefix: bool = True
     resize: str = "timm"
+    dynamic_img_pad: bool = False
     in_chans: int = 3
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -208,7 +211,8 @@ class VisionTransformer(nn.Module):
                              f"{tuple(getattr(images, 'shape', ()))!r}")
         dtype = self.dtype or jnp.float32
         patch_map = FlexiPatchEmbed(self.width, to_pair(self.patch_size, "patch_size"),
-                                    in_chans=self.in_chans, resize=self.resize, dtype=self.dtype,
+                                    in_chans=self.in_chans, resize=self.resize,
+                                    dynamic_img_pad=self.dynamic_img_pad, dtype=self.dtype,
                                     name="patch_embed")(images, patch_size)
         batch, grid_h, grid_w, _ = patch_map.shape
         tokens = patch_map.reshape(batch, grid_h * grid_w, self.width)
