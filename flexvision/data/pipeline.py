@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from flexvision.data import digits, ops
+from flexvision.data import digits, image_folder, ops
 
 # TensorFlow must not grab accelerators that JAX uses.
 try:
@@ -27,8 +27,15 @@ except RuntimeError:  # TensorFlow's runtime was already initialised by the call
 _LOCAL_BUILDERS = {digits.NAME: digits.FlexvisionDigits, "digits": digits.FlexvisionDigits}
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for ``name``; the embedded datasets are built locally on first use."""
+def get_builder(name: str, data_dir: str | None = None
+                ) -> tfds.core.DatasetBuilder | image_folder.ImageFolder:
+    """The TFDS builder for ``name``; the embedded datasets are built locally on first use.
+
+    ``name='image_folder'`` reads the images under ``data_dir`` (one subfolder per class, see
+    flexvision/data/image_folder.py) and returns an :class:`image_folder.ImageFolder`.
+    """
+    if name == image_folder.NAME:
+        return image_folder.ImageFolder(data_dir)
     if name in _LOCAL_BUILDERS:
         builder = _LOCAL_BUILDERS[name](data_dir=data_dir)
         if jax.process_index() == 0 or not tf.io.gfile.exists(builder.data_path):
@@ -38,7 +45,9 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(f"unknown dataset {name!r}: {err}. Built-in datasets that need no "
-                         f"download: {sorted(_LOCAL_BUILDERS)}") from None
+                         f"download: {sorted(_LOCAL_BUILDERS)}; your own images: "
+                         f"name={image_folder.NAME!r} with data_dir=ROOT holding one folder "
+                         f"per class") from None
     if not tf.io.gfile.exists(builder.data_path):
         raise ValueError(f"dataset {name!r} is not prepared under data_dir={data_dir!r} "
                          f"({builder.data_path} is missing). Prepare it once with "
@@ -54,13 +63,17 @@ def host_split(split: str) -> str:
     return tfds.split_for_jax_process(split, drop_remainder=False)
 
 
-def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+def num_examples(builder, split) -> int:
     """Number of examples in a (sub-)split, e.g. ``"train[:90%]"``."""
+    if isinstance(builder, image_folder.ImageFolder):
+        return builder.num_examples(split)
     return int(builder.info.splits[split].num_examples)
 
 
-def _records(builder, split: str) -> tf.data.Dataset:
+def _records(builder, split) -> tf.data.Dataset:
     """Encoded records of ``split`` in file order (images left encoded for the 'decode' op)."""
+    if isinstance(builder, image_folder.ImageFolder):
+        return builder.as_dataset(split)
     decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                               read_config=tfds.ReadConfig(interleave_cycle_length=1))
