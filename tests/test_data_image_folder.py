@@ -141,3 +141,21 @@ def test_tiny_training_run_on_the_folder(photos, tmp_path):
     with open(os.path.join(workdir, "final_eval.json"), encoding="utf-8") as f:
         final = json.load(f)
     assert "train[90%:]" in json.dumps(final)
+
+
+def test_input_benchmark_reports_images_per_second_per_core(photos, tmp_path):
+    from flexvision.data import benchmark
+
+    out = tmp_path / "input.json"
+    results = benchmark.main(["--data_dir", photos[0], "--batch_size", "4", "--threads", "1,2",
+                              "--warmup", "1", "--repeats", "2", "--min_time", "0.05",
+                              "--pp", "decode|inception_crop(64)|flip_lr|value_range(-1, 1)",
+                              "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == results and [r["threads"] for r in results] == [1, 2]
+    for row in results:
+        assert 0 < row["min"] <= row["images_per_second"] <= row["max"]
+        assert row["images_per_second_per_core"] == pytest.approx(
+            row["images_per_second"] / row["cores_busy"])
+        assert 0 < row["cores_busy"] <= os.cpu_count() + 0.5
+        assert row["num_images"] == 12

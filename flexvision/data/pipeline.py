@@ -116,6 +116,10 @@ def train_dataset(input_config, seed: int, start_step: int = 0) -> tf.data.Datas
     builder = get_builder(input_config.name, input_config.get("data_dir"))
     split = host_split(input_config.split)
     size = num_examples(builder, split)
+    if size == 0:
+        raise ValueError(f"config.input.split={input_config.split!r} of dataset "
+                         f"{input_config.name!r} has no examples (on process "
+                         f"{jax.process_index()} of {jax.process_count()})")
     batch = local_batch_size(input_config.batch_size)
     records = _records(builder, split)
     buffer = int(min(input_config.get("shuffle_buffer", 50_000), size))
