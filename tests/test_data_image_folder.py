@@ -72,7 +72,7 @@ def test_mistakes_are_explained(tmp_path, photos):
     with pytest.raises(ValueError, match=r"split 'validation' of image folder .*Splits found: "
                        r"\{'train': 12\}"):
         image_folder.ImageFolder(photos[0]).files("validation")
-    with pytest.raises(ValueError, match=r"your own images: name='image_folder'"):
+    with pytest.raises(ValueError, match=r"'image_folder' for your own images"):
         pipeline.get_builder("no_such_dataset_xyz", str(tmp_path))
 
 
