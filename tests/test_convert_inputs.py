@@ -161,3 +161,17 @@ def test_dynamic_img_pad_matches_timm(timm_state):
     unpadded, _ = convert.from_timm("vit_base_patch16_224", timm_state, **TIMM_KWARGS)
     with pytest.raises(ValueError, match=r"does not tile a 27x41 image.*dynamic_img_pad=True"):
         unpadded.apply(variables, images)
+
+
+def test_nested_flax_variables_are_flattened():
+    """big_vision params as a flax tree ({'params': {'embedding': {'kernel': ...}}}) load like
+    the flat .npz names."""
+    from flax import traverse_util
+
+    from tests.helpers import load_fixture
+
+    arrays, _ = load_fixture("big_vision/bigvision_flexivit_tok.npz")
+    flat = {k: v for k, v in arrays.items() if k.startswith("params/")}
+    _, expected = convert.from_big_vision(flat)
+    _, nested = convert.from_big_vision(traverse_util.unflatten_dict(flat, sep="/"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, nested, expected)
