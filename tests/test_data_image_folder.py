@@ -130,6 +130,7 @@ def test_tiny_training_run_on_the_folder(photos, tmp_path):
     assert config.eval.splits == ("train[90%:]",) and config.flexi.patch_sizes == (16, 8)
     assert config.input.pp.startswith("decode|inception_crop(32)|flip_lr")
     config.model.kwargs.update({"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32})
+    config.flexi.patch_sizes = config.eval.patch_sizes = (8,)  # one compilation of each step
     config.input.batch_size = config.eval.batch_size = 4
     config.total_steps, config.checkpoint_every, config.log_every = 3, 3, 1
     config.compilation_cache_dir = str(tmp_path / "cache")
