@@ -160,3 +160,15 @@ def test_input_benchmark_reports_images_per_second_per_core(photos, tmp_path):
             row["images_per_second"] / row["cores_busy"])
         assert 0 < row["cores_busy"] <= os.cpu_count() + 0.5
         assert row["num_images"] == 12
+
+
+def test_a_file_that_is_no_image_is_named(tmp_path):
+    import tensorflow as tf
+
+    root = tmp_path / "photos"
+    image_folder.write_sample_folder(str(root), per_class=2, size=(48, 48))
+    (root / "flower" / "notes.jpg").write_text("not an image")
+    stream = pipeline.train_dataset(_input(str(root), pp="decode|resize(16)"), seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"not a JPEG or PNG file.*flower/notes\.jpg"):
+        list(stream.take(2).as_numpy_iterator())

@@ -51,6 +51,20 @@ def _images(path: str) -> list[str]:
                   and not tf.io.gfile.isdir(os.path.join(path, name)))
 
 
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG SOI + marker, PNG
+
+
+def _read_checked(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Reads one file; asserts (naming the file) that it starts like a JPEG or PNG."""
+    data = tf.io.read_file(example["path"])
+    known = tf.reduce_any([tf.strings.substr(data, 0, len(sig)) == sig for sig in _SIGNATURES])
+    check = tf.debugging.Assert(known, ["image_folder: not a JPEG or PNG file (empty, "
+                                        "truncated at the start, or another format renamed); "
+                                        "remove or replace it:", example["path"]])
+    with tf.control_dependencies([check]):
+        return {"image": tf.identity(data), "label": example["label"]}
+
+
 class ImageFolder:
     """The images under ``root`` as labelled splits (see the module docstring for the layout).
 
@@ -127,11 +141,15 @@ class ImageFolder:
         return len(self.files(split)[0])
 
     def as_dataset(self, split: Any) -> tf.data.Dataset:
-        """{'image': encoded bytes (tf.string), 'label': int64} per image, in file order."""
+        """{'image': encoded bytes (tf.string), 'label': int64} per image, in file order.
+
+        A file that does not start with a JPEG or PNG signature (an empty or half-copied file,
+        another format renamed) stops the pipeline with an InvalidArgumentError naming it,
+        rather than a decode error that names no file.
+        """
         paths, labels = self.files(split)
         ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
-        return ds.map(lambda x: {"image": tf.io.read_file(x["path"]), "label": x["label"]},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(_read_checked, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def __repr__(self) -> str:
         return (f"ImageFolder({self.root!r}: {self.num_classes} classes, splits "
