@@ -40,17 +40,7 @@ _KERNELS_1D = ("tf_bilinear", "torch_bilinear", "jax_linear", "torch_bicubic_aa"
 
 
 def to_pair(value: int | Sequence[int], what: str = "size") -> tuple[int, int]:
-    """``7`` -> ``(7, 7)``; ``(7, 5)`` -> ``(7, 5)``; anything else is a ValueError.
-
-    A traced value (``jax.jit(model.apply)(v, x, patch_size=8)``) is a ValueError that says to
-    mark the argument static: sizes set array shapes, so they must be Python ints at trace time.
-    """
-    if isinstance(value, jax.core.Tracer) or (
-            isinstance(value, Sequence) and any(isinstance(v, jax.core.Tracer) for v in value)):
-        raise ValueError(f"{what} is a traced value ({type(value).__name__}) but sets array "
-                         f"shapes, so it must be a static Python int or pair: under jax.jit mark "
-                         f"it static, e.g. jax.jit(model.apply, static_argnames=('{what}',)), or "
-                         f"bind it with functools.partial(model.apply, {what}=...)")
+    """``7`` -> ``(7, 7)``; ``(7, 5)`` -> ``(7, 5)``; anything else is a ValueError."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif (isinstance(value, Sequence) and len(value) == 2
@@ -319,6 +309,20 @@ def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int
     return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
 
 
+def check_static(value, what: str) -> None:
+    """ValueError unless ``value`` (a call-time size such as ``patch_size``) is concrete.
+
+    ``jax.jit(model.apply)(v, x, patch_size=8)`` traces the 8; it sets array shapes, so it must
+    be a Python int at trace time: the error says to mark the argument static.
+    """
+    values = value if isinstance(value, Sequence) else (value,)
+    if any(isinstance(v, jax.core.Tracer) for v in (value, *values)):
+        raise ValueError(f"{what} is a traced value ({type(value).__name__}) but sets array "
+                         f"shapes, so it must be a static Python int or pair: under jax.jit mark "
+                         f"it static, e.g. jax.jit(model.apply, static_argnames=('{what}',)), or "
+                         f"bind it with functools.partial(model.apply, {what}=...)")
+
+
 def check_patchable(image_hw: Sequence[int], patch_hw: tuple[int, int]) -> tuple[int, int]:
     """The token grid (H / P_h, W / P_w); ValueError unless the patch size tiles the image.
 
@@ -362,6 +366,7 @@ class FlexiPatchEmbed(nn.Module):
     def __call__(self, images: jax.Array, patch_size: int | Sequence[int] | None = None
                  ) -> jax.Array:
         base = to_pair(self.patch_size, "base patch_size")
+        check_static(patch_size, "patch_size")
         patch = base if patch_size is None else to_pair(patch_size, "patch_size")
         if images.ndim != 4 or images.shape[-1] != self.in_chans:
             raise ValueError(f"images must be NHWC with {self.in_chans} channels, i.e. shape "
