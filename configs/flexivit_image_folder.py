@@ -31,8 +31,8 @@ def parse_arg(arg):
     """'ROOT,small,epochs=30,size=240' -> options dict; ValueError without ROOT."""
     parts = [p for p in (arg or "").split(",") if p]
     if not parts:
-        raise ValueError("pass the image folder after the config path: --config "
-                         "configs/flexivit_image_folder.py:/path/to/ROOT[,small,epochs=30,size=240]")
+        raise ValueError("pass the image folder after the config path: --config configs/"
+                         "flexivit_image_folder.py:/path/to/ROOT[,small,epochs=30,size=240]")
     options = {"root": parts[0], "model": "small", "epochs": 30, "size": 240}
     for part in parts[1:]:
         key, _, value = part.partition("=")

@@ -73,7 +73,8 @@ def _block(x, state, index, num_heads):
 
 def _attention_pool_latent(x, state, num_heads):
     """AttentionPoolLatent, latent_len 1, pool 'token': probe attends, then x + mlp(norm(x))."""
-    latent = np.broadcast_to(state["attn_pool.latent"], (x.shape[0],) + state["attn_pool.latent"].shape[1:])
+    table = state["attn_pool.latent"]  # (1, latent_len, D)
+    latent = np.broadcast_to(table, (x.shape[0],) + table.shape[1:])
     q = _heads(_linear(latent, state, "attn_pool.q"), num_heads)
     k, v = (_heads(part, num_heads) for part in np.split(_linear(x, state, "attn_pool.kv"), 2, -1))
     out = _linear(_merge(_attend(q, k, v)), state, "attn_pool.proj")

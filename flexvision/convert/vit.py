@@ -95,7 +95,8 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"timm kwargs {sorted(kwargs)} are not supported by flexvision's ViT "
                          f"importer; supported: img_size, patch_size, embed_dim, depth, num_heads, "
                          f"mlp_ratio, num_classes, in_chans, qkv_bias, class_token, reg_tokens, "
-                         f"no_embed_class, global_pool, pool_include_prefix, fc_norm, dynamic_img_pad, drop_rate, drop_path_rate, "
+                         f"no_embed_class, global_pool, pool_include_prefix, fc_norm, "
+                         f"dynamic_img_pad, drop_rate, drop_path_rate, "
                          f"{sorted(_TIMM_IGNORED)}")
     config["resize"] = "timm"
     config["gelu_approximate"] = False

@@ -4,5 +4,5 @@ mixup, the COCO instance format and its metrics."""
 from flexvision.data import coco, digits, image_folder, instances, mixup, ops, overlay, pipeline
 from flexvision.data.ops import list_ops, register_op
 
-__all__ = ["coco", "digits", "image_folder", "instances", "mixup", "ops", "overlay", "pipeline", "list_ops",
-           "register_op"]
+__all__ = ["coco", "digits", "image_folder", "instances", "mixup", "ops", "overlay", "pipeline",
+           "list_ops", "register_op"]

@@ -148,8 +148,7 @@ class VisionTransformer(nn.Module):
       dynamic_img_pad: zero-pad images at the bottom/right to a multiple of the patch size
         (timm ``dynamic_img_pad``) instead of raising when the patch does not tile them.
       fc_norm: the final norm is applied after pooling (timm's default for 'gap', 'max' and
-        'avgmax') instead of to
-        every token before pooling (big_vision, timm 'token'/'map').
+        'avgmax') instead of to every token before pooling (big_vision, timm 'token'/'map').
       gelu_approximate: tanh GELU (big_vision) instead of the exact erf GELU (timm).
       distilled_training: with dist_token, ``train=True`` returns (cls_logits, dist_logits).
     """
