@@ -103,7 +103,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
             items = _read_safetensors(path)
         elif path.endswith(".npz"):
             items = _read_npz(path)
-        elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        elif path.endswith((".pth", ".pt", ".bin")):
             raise ValueError(f"checkpoint {path!r} is a PyTorch pickle, which flexvision does not "
                              f"read (torch is not a dependency): pass the dict torch.load returns, "
                              f"or {_SAVE_AS_SAFETENSORS}")
