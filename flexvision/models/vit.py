@@ -46,7 +46,7 @@ from flexvision.layers.mlp import Mlp, gelu_exact
 from flexvision.models.contract import Backbone, FeatureInfo
 from flexvision.registry import register_model, register_name_resolver
 
-GLOBAL_POOLS = ("token", "avg", "map", "none")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map", "prr", "none")
 _TOKEN_AXES = ("batch", "tokens", "embed")
 
 
@@ -113,6 +113,20 @@ class MAPHead(nn.Module):
         return out[:, 0]
 
 
+def prr_pool(tokens: jax.Array, num_heads: int, reduce: str) -> jax.Array:
+    """Patch Representation Refinement pooling (timm layers/attention_pool.py AttentionPoolPrr,
+    from "Locality-Attending Vision Transformer", ICLR 2026), without its optional norms.
+
+    tokens (B, T, D) split into ``num_heads`` heads attend to themselves with no projections
+    (q = k = v), then ``reduce`` 'token' takes token 0 and 'avg' the mean over all T tokens.
+    Returns (B, D).
+    """
+    batch, length, width = tokens.shape
+    heads = tokens.reshape(batch, length, num_heads, width // num_heads)
+    refined = dot_product_attention(heads, heads, heads).reshape(batch, length, width)
+    return refined[:, 0] if reduce == "token" else jnp.mean(refined, axis=1)
+
+
 class VisionTransformer(Backbone):
     """ViT / DeiT / FlexiViT with any input size and any (static) patch size per call.
 
@@ -124,8 +138,13 @@ class VisionTransformer(Backbone):
       embed_dim, depth, num_heads: transformer size.
       mlp_ratio: MLP hidden width over embed_dim (timm); ``mlp_dim`` (big_vision), when set, is
         the hidden width itself and wins (So400m's 4304 is no integer ratio of 1152).
-      global_pool: 'token' (class token), 'avg' (mean of patch tokens), 'map' (attention
-        pooling), 'none' (every token; the head is applied per token).
+      global_pool: 'token' (class token), 'avg' (mean of the tokens), 'max' (their maximum),
+        'avgmax' ((mean + max) / 2), 'map' (attention pooling by a learned probe), 'prr'
+        (parameter-free self-attention over every token, then the class token or the mean:
+        timm's AttentionPoolPrr), 'none' (every token; the head is applied per token).
+      pool_include_prefix: 'avg', 'max', 'avgmax' and 'map' pool the prefix tokens (class,
+        distillation, registers) with the patch tokens; False (timm's default) pools the patch
+        tokens only. 'token', 'prr' and 'none' do not read it (timm: VisionTransformer.pool).
       in_chans: input channels; drop_rate: dropout on tokens, attention output and MLPs;
       drop_path_rate: stochastic depth, increasing linearly over the blocks to this rate.
       class_token, dist_token, num_reg_tokens: prefix tokens (dist_token = DeiT).
@@ -133,8 +152,10 @@ class VisionTransformer(Backbone):
         False = timm ``no_embed_class`` / big_vision.
       resize: 'timm' or 'big_vision': whose interpolation PI-resize and posemb resampling
         reproduce.
-      fc_norm: the final norm is applied after pooling (timm's default for 'avg') instead of to
-        every token before pooling (big_vision, timm 'token'/'map').
+      dynamic_img_pad: zero-pad images at the bottom/right to a multiple of the patch size
+        (timm ``dynamic_img_pad``) instead of raising when the patch does not tile them.
+      fc_norm: the final norm is applied after pooling (timm's default for 'avg', 'max' and
+        'avgmax') instead of to every token before pooling (big_vision, timm 'token'/'map').
       gelu_approximate: tanh GELU (big_vision) instead of the exact erf GELU (timm).
       distilled_training: with dist_token, ``train=True`` returns (cls_logits, dist_logits).
     """
@@ -150,11 +171,13 @@ class VisionTransformer(Backbone):
     mlp_ratio: float = 4.0
     mlp_dim: int | None = None
     global_pool: str = "token"
+    pool_include_prefix: bool = False
     class_token: bool = True
     dist_token: bool = False
     num_reg_tokens: int = 0
     posemb_prefix: bool = True
     resize: str = "timm"
+    dynamic_img_pad: bool = False
     in_chans: int = 3
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -198,7 +221,7 @@ class VisionTransformer(Backbone):
             raise ValueError(f"resize={self.resize!r} is unknown; accepted: {RESIZE_METHODS}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' reads the class token: set class_token=True, "
-                             "or pick global_pool 'avg', 'map' or 'none'")
+                             "or pick another global_pool, e.g. 'avg' or 'map'")
         if self.dist_token and (not self.class_token or self.global_pool != "token"
                                 or self.fc_norm):
             raise ValueError("dist_token=True (DeiT) needs class_token=True, "
@@ -217,7 +240,8 @@ class VisionTransformer(Backbone):
         self._check_inputs(images)
         dtype = self.dtype or jnp.float32
         patch_map = FlexiPatchEmbed(self.embed_dim, to_pair(self.patch_size, "patch_size"),
-                                    in_chans=self.in_chans, resize=self.resize, dtype=self.dtype,
+                                    in_chans=self.in_chans, resize=self.resize,
+                                    dynamic_img_pad=self.dynamic_img_pad, dtype=self.dtype,
                                     name="patch_embed")(images, patch_size)
         batch, grid_h, grid_w, _ = patch_map.shape
         tokens = patch_map.reshape(batch, grid_h * grid_w, self.embed_dim)
@@ -263,18 +287,31 @@ class VisionTransformer(Backbone):
         return tokens
 
     def _pool(self, tokens: jax.Array) -> jax.Array:
-        """Pre-logits from the encoded tokens according to ``global_pool``."""
+        """Pre-logits from the encoded tokens (B, prefix + h*w, D) according to ``global_pool``.
+
+        timm vision_transformer.py VisionTransformer.pool / global_pool_nlc: the reductions and
+        attention pooling see the patch tokens only unless ``pool_include_prefix``.
+        """
         if self.global_pool == "token":
             pooled = tokens[:, 0]
-        elif self.global_pool == "avg":
-            pooled = jnp.mean(tokens[:, self.num_prefix_tokens:], axis=1)
-        elif self.global_pool == "map":
-            pooled = MAPHead(self.num_heads, self.hidden_dim,
-                             layer_norm_eps=self.layer_norm_eps,
-                             gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                             name="attn_pool")(tokens)
-        else:
+        elif self.global_pool == "none":
             pooled = tokens
+        elif self.global_pool == "prr":
+            pooled = prr_pool(tokens, self.num_heads, "token" if self.class_token else "avg")
+        else:
+            if not self.pool_include_prefix:
+                tokens = tokens[:, self.num_prefix_tokens:]
+            if self.global_pool == "avg":
+                pooled = jnp.mean(tokens, axis=1)
+            elif self.global_pool == "max":
+                pooled = jnp.max(tokens, axis=1)
+            elif self.global_pool == "avgmax":
+                pooled = 0.5 * (jnp.max(tokens, axis=1) + jnp.mean(tokens, axis=1))
+            else:
+                pooled = MAPHead(self.num_heads, self.hidden_dim,
+                                 layer_norm_eps=self.layer_norm_eps,
+                                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                                 name="attn_pool")(tokens)
         if self.fc_norm:
             pooled = layer_norm(self.layer_norm_eps, dtype=self.dtype, name="fc_norm")(pooled)
         return pooled
