@@ -1,5 +1,7 @@
 """BPR: boundary patch refinement of instance masks (host-side geometry).
 
+The evaluation metric for refined boundaries, Boundary IoU, is in ``detection/boundary.py``.
+
 Tang et al., "Look Closer to Segment Better: Boundary Patch Refinement for Instance
 Segmentation", CVPR 2021 (code: tinyalpha/BPR). A coarse instance mask is refined in three steps:
 
