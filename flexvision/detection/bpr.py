@@ -16,10 +16,18 @@ Segmentation", CVPR 2021 (code: tinyalpha/BPR). A coarse instance mask is refine
    and counted per pixel, and where any patch covers a pixel the mask becomes ``mean > 0.5``;
    elsewhere the coarse mask is kept.
 
-Everything here is NumPy on the host: the number of boundary pixels and of kept patches depends
+The geometry is NumPy on the host: the number of boundary pixels and of kept patches depends
 on the data, and the work is small (cost grows with the boundary length, not the image area: each
 instance is handled inside its bounding box). No step loops over pixels in Python; NMS loops over
-*kept* patches only. :func:`boundary_patches` does steps 1 for all instances of an image.
+*kept* patches only. :func:`boundary_patches` does step 1 for all instances of an image.
+
+:func:`refine` runs the three steps end to end, with the network on fixed-size batches of patches
+(:func:`patch_probabilities`, jitted once per batch and patch size: BPR's test pipeline
+``tools/test_float.py``: patches resized to the network size, normalised, logits resized back to
+the patch size before the softmax)::
+
+    model, variables = flexvision.convert.from_official("bpr_hrnet18s", bpr_state_dict)
+    refined = bpr.refine(image_rgb, coarse_masks, variables, model=model)   # (N, H, W) uint8
 
 Conventions: masks are (H, W) arrays, nonzero = foreground (bool or integer dtypes; float masks
 are rejected: threshold probabilities first). Boxes are float32 rows ``[x1, y1, x2, y2, score]``
@@ -38,11 +46,20 @@ Bad input, defined:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from flexvision.layers.flex import resize_bilinear, resize_nearest
+
 BOUNDARY_WIDTH = 3  # find_float_boundary(maskdt, width=3) in split_patches.py
+# configs/bpr/*.py img_norm_cfg (RGB, 0-255 pixel values)
+IMAGE_MEAN = (123.675, 116.28, 103.53)
+IMAGE_STD = (58.395, 57.12, 57.375)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,3 +388,91 @@ def merge_patches(coarse_mask: np.ndarray, boxes: np.ndarray, patch_probs: np.nd
         local_covered = covered.reshape(local_h, local_w)
         local_refined[local_covered] = mean[window][local_covered] > 0.5
     return MergedMask(mean, count, refined)
+
+
+# ------------------------------------------------------------------------------------------------
+# The network on patches, and the whole pipeline
+
+
+def network_inputs(image_patches: jax.Array, mask_patches: jax.Array, size: int) -> jax.Array:
+    """BPR's test-time preprocessing of patches (configs/bpr/*.py ``test_pipeline`` and
+    ``EncoderDecoderRefine.simple_test``).
+
+    Args: image_patches (B, P, P, 3) RGB in 0..255; mask_patches (B, P, P) 0/1; ``size`` the
+    network's input size S. The image is resized bilinearly to S x S (mmcv.imrescale; BPR works
+    on uint8 images, so its resized pixels are rounded to integers, ours are not), normalised with
+    :data:`IMAGE_MEAN` / :data:`IMAGE_STD`; the mask is resized with nearest neighbours and mapped
+    to {-1, +1} by (m - 0.5) / 0.5. Returns (B, S, S, 4) float32.
+    """
+    images = resize_bilinear(jnp.asarray(image_patches, jnp.float32), (size, size))
+    images = (images - jnp.asarray(IMAGE_MEAN, jnp.float32)) / jnp.asarray(IMAGE_STD, jnp.float32)
+    masks = resize_nearest(jnp.asarray(mask_patches, jnp.float32)[..., None], (size, size))
+    return jnp.concatenate([images, (masks - 0.5) / 0.5], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "size"))
+def patch_probabilities(model: nn.Module, variables: Any, image_patches: jax.Array,
+                        mask_patches: jax.Array, size: int) -> jax.Array:
+    """Foreground probability of each patch at the patch size: (B, P, P) float32.
+
+    :func:`network_inputs`, ``model`` (a BPR refinement network returning (B, S, S, 2) logits,
+    e.g. ``bpr_hrnet18s``), the logits resized bilinearly back to P x P BEFORE the softmax
+    (mmseg ``whole_inference(rescale=True)``), softmax over the 2 classes, class 1.
+    """
+    patch = image_patches.shape[1:3]
+    logits = model.apply(variables, network_inputs(image_patches, mask_patches, size))
+    logits = resize_bilinear(logits.astype(jnp.float32), patch)
+    return jax.nn.softmax(logits, axis=-1)[..., 1]
+
+
+def refine(image: np.ndarray, masks: np.ndarray, variables: Any, *, model: nn.Module,
+           patch_size: int = 64, iou_threshold: float = 0.25, network_size: int = 128,
+           batch_size: int = 32) -> np.ndarray:
+    """Refines every instance mask of one image with BPR.
+
+    Args:
+      image: (H, W, 3) RGB, 0..255 (uint8 or float).
+      masks: (N, H, W) coarse masks, nonzero = foreground.
+      variables / model: the refinement network (``convert.from_official("bpr_hrnet18s", ...)``).
+      patch_size, iou_threshold: BPR's ``--patch-size`` / ``--iou-thresh`` (64 / 0.25 on
+        Cityscapes); patch_size must be even and below min(H, W).
+      network_size: the network's input size (128 for hrnet18s_128, 256 for hrnet48_256).
+      batch_size: patches per network call; the last batch is padded, so one compilation serves
+        every image with the same patch size.
+
+    Returns (N, H, W) uint8 refined masks: the coarse mask where no patch reaches, the mean patch
+    probability > 0.5 where patches overlap (:func:`merge_patches`). Raises ValueError for masks
+    of another size than the image or an image not larger than the patch (see the module
+    docstring).
+    """
+    image = np.asarray(image)
+    masks = _as_binary_masks(masks, 3, "masks")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (height, width, 3) RGB, got shape {image.shape}")
+    if patch_size % 2:
+        raise ValueError(f"patch_size must be even (BPR's boxes [x - P//2, x + P//2] are P - 1 "
+                         f"wide for odd P), got {patch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"masks of {masks.shape[1]}x{masks.shape[2]} pixels do not match the "
+                         f"{image.shape[0]}x{image.shape[1]} image; resize or paste the masks "
+                         f"into image coordinates first")
+    boxes, instance = boundary_patches(masks, patch_size, iou_threshold)
+    image_patches, mask_patches = crop_patches(image, masks, boxes, instance, patch_size)
+    total = len(boxes)
+    padded = -(-total // batch_size) * batch_size
+    probs = np.zeros((padded, patch_size, patch_size), np.float32)
+    if total:
+        pad = ((0, padded - total),) + ((0, 0),) * 3
+        image_patches = np.pad(image_patches.astype(np.float32), pad)
+        mask_patches = np.pad(mask_patches, pad[:3])
+        for start in range(0, padded, batch_size):
+            batch = slice(start, start + batch_size)
+            probs[batch] = np.asarray(patch_probabilities(
+                model, variables, image_patches[batch], mask_patches[batch], network_size))
+    refined = np.empty(masks.shape, np.uint8)
+    for k in range(len(masks)):
+        mine = instance == k
+        refined[k] = merge_patches(masks[k], boxes[mine], probs[:total][mine]).mask
+    return refined
