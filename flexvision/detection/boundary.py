@@ -39,23 +39,29 @@ def boundary_width(image_hw, dilation_ratio: float = 0.02) -> int:
     return max(1, int(round(dilation_ratio * diagonal)))
 
 
+def window_count(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Foreground pixels in the (2r+1) x (2r+1) window around each pixel, zeros outside the image:
+    (H, W) bool -> (H, W) int32, O(HW) with an integral image. ``count == (2r+1)**2`` is the
+    erosion by that square (outside = background), ``count > 0`` the dilation."""
+    mask = np.asarray(mask, bool)
+    height, cols = mask.shape
+    integral = np.pad(mask, radius + 1).astype(np.int32).cumsum(axis=0).cumsum(axis=1)
+    side = 2 * radius + 1
+    # integral[i, j] sums padded rows <= i and cols <= j; pixel (r, c) is padded (r+R+1, c+R+1)
+    lo_r, lo_c = np.arange(height), np.arange(cols)
+    hi_r, hi_c = lo_r + side, lo_c + side
+    return (integral[hi_r][:, hi_c] - integral[lo_r][:, hi_c]
+            - integral[hi_r][:, lo_c] + integral[lo_r][:, lo_c])
+
+
 def mask_boundary(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of ``mask`` within chessboard distance ``width`` of the background or of the image
-    border (outside = background). (H, W) bool in, (H, W) bool out; O(HW) with an integral
-    image of the background (a pixel is interior iff its (2w+1)^2 window has no background)."""
+    border (outside = background): ``mask`` minus its erosion by a (2w+1)^2 square
+    (:func:`window_count`). (H, W) bool in, (H, W) bool out."""
     mask = _binary(mask, "mask")
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
         raise ValueError(f"boundary width must be a positive int (pixels), got {width!r}")
-    height, cols = mask.shape
-    background = np.pad(~mask, width + 1, constant_values=True).astype(np.int32)
-    integral = background.cumsum(axis=0).cumsum(axis=1)
-    side = 2 * width + 1
-    # window sums of the padded background for every image pixel (integral[i, j] sums rows <= i)
-    lo_r, lo_c = np.arange(height), np.arange(cols)
-    hi_r, hi_c = lo_r + side, lo_c + side
-    window = (integral[hi_r][:, hi_c] - integral[lo_r][:, hi_c]
-              - integral[hi_r][:, lo_c] + integral[lo_r][:, lo_c])
-    return mask & (window > 0)
+    return mask & (window_count(mask, width) < (2 * width + 1) ** 2)
 
 
 def boundary_iou(gt: np.ndarray, pred: np.ndarray, *, width: int | None = None,

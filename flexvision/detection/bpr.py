@@ -1,6 +1,7 @@
 """BPR: boundary patch refinement of instance masks (host-side geometry).
 
-The evaluation metric for refined boundaries, Boundary IoU, is in ``detection/boundary.py``.
+The evaluation metric for refined boundaries, Boundary IoU, is in ``detection/boundary.py``; the
+training data and recipe of the refinement network in ``detection/bpr_train.py``.
 
 Tang et al., "Look Closer to Segment Better: Boundary Patch Refinement for Instance
 Segmentation", CVPR 2021 (code: tinyalpha/BPR). A coarse instance mask is refined in three steps:
@@ -394,20 +395,33 @@ def merge_patches(coarse_mask: np.ndarray, boxes: np.ndarray, patch_probs: np.nd
 # The network on patches, and the whole pipeline
 
 
-def network_inputs(image_patches: jax.Array, mask_patches: jax.Array, size: int) -> jax.Array:
-    """BPR's test-time preprocessing of patches (configs/bpr/*.py ``test_pipeline`` and
-    ``EncoderDecoderRefine.simple_test``).
+def resize_patches(image_patches: jax.Array, mask_patches: jax.Array, size: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Patches resized to the network's S x S input as BPR's pipelines do (mmseg ``Resize``):
+    images bilinearly (mmcv.imrescale; BPR works on uint8 images, so its resized pixels are
+    rounded to integers, ours are not), masks with nearest neighbours.
 
-    Args: image_patches (B, P, P, 3) RGB in 0..255; mask_patches (B, P, P) 0/1; ``size`` the
-    network's input size S. The image is resized bilinearly to S x S (mmcv.imrescale; BPR works
-    on uint8 images, so its resized pixels are rounded to integers, ours are not), normalised with
-    :data:`IMAGE_MEAN` / :data:`IMAGE_STD`; the mask is resized with nearest neighbours and mapped
-    to {-1, +1} by (m - 0.5) / 0.5. Returns (B, S, S, 4) float32.
+    Args: image_patches (B, P, P, C) in 0..255; mask_patches (B, P, P). Returns (B, S, S, C) and
+    (B, S, S) float32.
     """
     images = resize_bilinear(jnp.asarray(image_patches, jnp.float32), (size, size))
-    images = (images - jnp.asarray(IMAGE_MEAN, jnp.float32)) / jnp.asarray(IMAGE_STD, jnp.float32)
     masks = resize_nearest(jnp.asarray(mask_patches, jnp.float32)[..., None], (size, size))
-    return jnp.concatenate([images, (masks - 0.5) / 0.5], axis=-1)
+    return images, masks[..., 0]
+
+
+def normalize_inputs(images: jax.Array, coarse_masks: jax.Array) -> jax.Array:
+    """The network input: RGB normalised with :data:`IMAGE_MEAN` / :data:`IMAGE_STD` (mmseg
+    ``Normalize``), and the 0/1 coarse mask mapped to {-1, +1} by (m - 0.5) / 0.5
+    (``EncoderDecoderRefine``) as a 4th channel. (B, S, S, 3) + (B, S, S) -> (B, S, S, 4)."""
+    images = (images - jnp.asarray(IMAGE_MEAN, jnp.float32)) / jnp.asarray(IMAGE_STD, jnp.float32)
+    return jnp.concatenate([images, ((coarse_masks - 0.5) / 0.5)[..., None]], axis=-1)
+
+
+def network_inputs(image_patches: jax.Array, mask_patches: jax.Array, size: int) -> jax.Array:
+    """BPR's test-time preprocessing of patches (configs/bpr/*.py ``test_pipeline``,
+    ``EncoderDecoderRefine.simple_test``): :func:`resize_patches` to ``size``, then
+    :func:`normalize_inputs`. (B, P, P, 3) RGB 0..255 + (B, P, P) 0/1 -> (B, S, S, 4) float32."""
+    return normalize_inputs(*resize_patches(image_patches, mask_patches, size))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "size"))
