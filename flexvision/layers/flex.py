@@ -265,19 +265,6 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
     return x
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Array:
-    """Bilinear resize of NHWC ``x`` to spatial ``size``: torch ``F.interpolate(mode="bilinear",
-    align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices
-    (``precision``: that of the matmuls, e.g. HIGHEST for parameters such as position
-    embeddings)."""
-    (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
-    if (in_h, in_w) == (out_h, out_w):
-        return x
-    rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
-    cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
-    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x, precision=precision)
-
-
 @functools.lru_cache(maxsize=None)
 def upsample_then_resize_matrix_1d(in_size: int, factor: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float64 matrix of mmseg's HRNet upward fuse along one axis: ``Upsample(
@@ -301,6 +288,19 @@ def upsample_then_resize_bilinear(x: jax.Array, factor: int, size: Sequence[int]
     rows = jnp.asarray(upsample_then_resize_matrix_1d(in_h, int(factor), out_h), x.dtype)
     cols = jnp.asarray(upsample_then_resize_matrix_1d(in_w, int(factor), out_w), x.dtype)
     return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Array:
+    """Bilinear resize of NHWC ``x`` to spatial ``size``: torch ``F.interpolate(mode="bilinear",
+    align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices
+    (``precision``: that of the matmuls, e.g. HIGHEST for parameters such as position
+    embeddings)."""
+    (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
+    cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x, precision=precision)
 
 
 def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:
