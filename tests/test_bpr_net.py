@@ -58,11 +58,13 @@ def network(fixture):
 def test_backbone_outputs(fixture, network, index):
     arrays, _ = fixture
     features = network[2](index)[0]
+    # the branch maps, high to low resolution, in the order the features dict lists them
+    branches = [v for k, v in features.items() if k not in ("stem", "pre_logits")]
     levels = sorted(int(k.split("/")[-1]) for k in arrays
                     if k.startswith(f"net/backbone_nhwc/{index}/"))
-    assert levels
+    assert levels and len(branches) == len(levels)
     for level in levels:
-        assert_parity(features[f"branch{level + 1}"], arrays[f"net/backbone_nhwc/{index}/{level}"],
+        assert_parity(branches[level], arrays[f"net/backbone_nhwc/{index}/{level}"],
                       f"input {index} branch {level}")
 
 
