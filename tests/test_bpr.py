@@ -327,3 +327,5 @@ def test_refine_bad_input():
     empty = np.zeros_like(coarse)
     np.testing.assert_array_equal(
         bpr.refine(image, empty, {}, model=_MaskEcho(), patch_size=16, network_size=32), empty)
+    none = bpr.refine(image, coarse[:0], {}, model=_MaskEcho(), patch_size=16, network_size=32)
+    assert none.shape == (0,) + coarse.shape[1:]
