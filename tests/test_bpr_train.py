@@ -171,3 +171,30 @@ def test_refiner_learns_boundary_patches():
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_synthetic_scenes_of_the_experiment():
+    from experiments import bpr_synthetic  # pylint: disable=import-outside-toplevel
+
+    image, gt = bpr_synthetic.make_scene(np.random.default_rng(0), instances=4)
+    assert image.shape == bpr_synthetic.SCENE_HW + (3,) and gt.shape[0] == 4
+    assert 0 <= image.min() and image.max() <= 255
+    assert gt.sum(axis=0).max() == 1  # instances do not overlap
+    assert all(m.any() for m in gt)
+
+
+@pytest.mark.slow
+def test_synthetic_experiment_runs(tmp_path):
+    import json  # pylint: disable=import-outside-toplevel
+
+    from experiments import bpr_synthetic  # pylint: disable=import-outside-toplevel
+
+    table = bpr_synthetic.run(str(tmp_path), seeds=(0,), train_scenes=2, test_scenes=1, steps=3,
+                              batch_size=8)
+    assert json.loads((tmp_path / "bpr_synthetic.json").read_text()) == json.loads(
+        json.dumps(table))
+    result = table["per_seed"][0]
+    for key in ("coarse_boundary_iou", "refined_boundary_iou", "coarse_mask_iou",
+                "refined_mask_iou"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["coarse_mask_iou"] < 1.0 and result["train_patches"] > 0
