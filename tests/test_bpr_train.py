@@ -198,3 +198,4 @@ def test_synthetic_experiment_runs(tmp_path):
                 "refined_mask_iou"):
         assert 0.0 <= result[key] <= 1.0
     assert result["coarse_mask_iou"] < 1.0 and result["train_patches"] > 0
+    assert (tmp_path / "bpr_synthetic_overlay_seed0.png").stat().st_size > 1000
