@@ -1,6 +1,8 @@
-"""Input data: TFDS pipelines, preprocessing-op strings, built-in datasets, mixup."""
+"""Input data: TFDS pipelines, preprocessing-op strings, built-in datasets, mixup, the COCO
+instance format and its metrics."""
 
-from flexvision.data import digits, mixup, ops, pipeline
+from flexvision.data import coco, digits, instances, mixup, ops, overlay, pipeline
 from flexvision.data.ops import list_ops, register_op
 
-__all__ = ["digits", "mixup", "ops", "pipeline", "list_ops", "register_op"]
+__all__ = ["coco", "digits", "instances", "mixup", "ops", "overlay", "pipeline", "list_ops",
+           "register_op"]
