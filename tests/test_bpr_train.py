@@ -199,3 +199,17 @@ def test_synthetic_experiment_runs(tmp_path):
         assert 0.0 <= result[key] <= 1.0
     assert result["coarse_mask_iou"] < 1.0 and result["train_patches"] > 0
     assert (tmp_path / "bpr_synthetic_overlay_seed0.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_nuclei_experiment_runs(tmp_path):
+    from experiments import bpr_nuclei  # pylint: disable=import-outside-toplevel
+
+    table = bpr_nuclei.run(str(tmp_path), seeds=(0,), copies=1, steps=2, batch_size=8)
+    result = table["per_seed"][0]
+    assert table["held_out_instances"] > 10
+    for key in ("coarse_boundary_iou", "refined_boundary_iou", "coarse_mask_AP",
+                "refined_mask_AP"):
+        assert 0.0 <= result[key] <= 1.0
+    assert (tmp_path / "bpr_nuclei.json").exists()
+    assert (tmp_path / "bpr_nuclei_overlay_seed0.png").stat().st_size > 1000
