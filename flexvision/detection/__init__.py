@@ -4,6 +4,11 @@ Exact to torchvision's detection modules (``ops/`` and ``models/detection/``), w
 variable-length results are padded to a capacity and come with a boolean validity mask, so that
 everything runs under ``jax.jit`` and shards over a mesh. NHWC feature maps; boxes are
 (x1, y1, x2, y2) in input pixels.
+
+BPR, the boundary patch refinement of instance masks (Tang et al. 2021), is ``bpr.py`` (patch
+proposals with BPR's own mmcv NMS, reassembly, end-to-end ``refine``; host-side NumPy, since
+patch counts are data-dependent) and ``bpr_train.py`` (its training data and recipe);
+``boundary.py`` holds Boundary IoU (Cheng et al. 2021).
 """
 
 from flexvision.detection.anchors import anchor_grid, anchor_strides, cell_anchors

@@ -19,7 +19,8 @@ Two libraries' conventions are reproduced exactly, selected by ``method``:
 The architectures ported from PyTorch resize with ``torch.nn.functional.interpolate`` without
 antialiasing; those matrices live here too: bilinear (HRNet's segmentation neck, MViT's position
 embeddings and relative-position tables), bicubic with a = -0.75 (Swin's bias tables when a
-checkpoint moves to another window), and nearest (HRNet's fuse layers).
+checkpoint moves to another window), and nearest (HRNet's fuse layers; mmseg's HRNet, which BPR
+uses, fuses bilinearly instead: upsample by 2**k, then resize to the target branch).
 """
 
 from __future__ import annotations
@@ -263,6 +264,31 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
         else:
             x = jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
     return x
+
+
+@functools.lru_cache(maxsize=None)
+def upsample_then_resize_matrix_1d(in_size: int, factor: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of mmseg's HRNet upward fuse along one axis: ``Upsample(
+    scale_factor=factor, mode="bilinear", align_corners=False)`` to ``in_size * factor``, then
+    ``resize(size=out_size, mode="bilinear", align_corners=False)`` (mmseg/models/backbones/
+    hrnet.py ``HRModule.forward``), composed into one matrix. The second resize is the identity
+    when ``out_size == in_size * factor``; otherwise (sizes that do not halve exactly) the two
+    interpolations differ from one direct resize. Read-only (shared through the cache)."""
+    upsampled = in_size * factor
+    matrix = resize_matrix_1d(in_size, upsampled, "torch_bilinear")
+    if out_size != upsampled:
+        matrix = resize_matrix_1d(upsampled, out_size, "torch_bilinear") @ matrix
+    return _read_only(np.array(matrix))
+
+
+def upsample_then_resize_bilinear(x: jax.Array, factor: int, size: Sequence[int]) -> jax.Array:
+    """NHWC ``x`` upsampled bilinearly by the integer ``factor`` and then resized bilinearly to
+    spatial ``size`` (both torch ``align_corners=False``), as mmseg's HRNet fuse layers do: one
+    matmul per axis with the cached :func:`upsample_then_resize_matrix_1d`."""
+    (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
+    rows = jnp.asarray(upsample_then_resize_matrix_1d(in_h, int(factor), out_h), x.dtype)
+    cols = jnp.asarray(upsample_then_resize_matrix_1d(in_w, int(factor), out_w), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Array:
