@@ -134,12 +134,6 @@ def load_workdir(workdir: str, *, config=None, step: int | None = None, mesh=Non
 
 
 def native_image_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(H, W, C) at which every parameter shape of ``model`` is defined: posemb grid x patch
-    size for ViTs, 224 x 224 otherwise."""
-    from flexvision.layers.flex import to_pair
-
-    channels = int(getattr(model, "in_chans", 3))
-    if hasattr(model, "posemb_grid") and hasattr(model, "patch_size"):
-        grid, patch = to_pair(model.posemb_grid), to_pair(model.patch_size)
-        return (grid[0] * patch[0], grid[1] * patch[1], channels)
-    return (224, 224, channels)
+    """(H, W, C) at which every parameter shape of ``model`` is defined: the model contract's
+    ``input_shape()`` (posemb grid x patch size for ViTs, 224 x 224 otherwise)."""
+    return tuple(model.input_shape())

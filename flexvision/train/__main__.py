@@ -2,7 +2,7 @@ r"""Command line: ``python -m flexvision.train --config configs/NAME.py[:arg] --
 
 Overrides: ``--config.total_steps=300 --config.input.batch_size=32``. Rerunning the same
 command on the same workdir resumes from its latest checkpoint. Multi-host: start one process
-per host with the same flags; :func:`flexvision.train.distributed.initialize` connects them
+per host with the same flags; :func:`flexvision.engine.distributed.initialize` connects them
 from ``config.distributed``, the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 environment variables, or an auto-detected cluster (TPU pod, SLURM, Open MPI); docs/sharding.md.
 """
