@@ -311,7 +311,7 @@ class SwinTransformer(Backbone):
 
     def input_shape(self) -> tuple[int, int, int]:
         """``img_size``: the design size that fixes the windows and bias tables."""
-        return (*_pair(self.img_size), self.in_chans)
+        return (*to_pair(self.img_size, "img_size"), self.in_chans)
 
     def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """Stage maps 'stage1'..'stageN' (NHWC) and 'pre_logits' (B, C), as timm's
