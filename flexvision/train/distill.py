@@ -360,7 +360,7 @@ def format_comparison(table: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def train_and_distill(config, workdir: str) -> dict:
+def train_and_distill(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """``trainer.train_and_evaluate`` in distillation mode (``config.distill``)."""
     from flexvision.train import trainer
 
@@ -384,7 +384,8 @@ def train_and_distill(config, workdir: str) -> dict:
     final = trainer.train_and_evaluate(config, workdir, loss_fn=loss_fn,
                                        targets_fn=make_teacher_targets(teacher),
                                        frozen=teacher.variables,
-                                       params_init_fn=params_init_fn, evaluator=evaluator)
+                                       params_init_fn=params_init_fn, evaluator=evaluator,
+                                       allow_config_change=allow_config_change)
     if jax.process_index() == 0:
         print(format_comparison(final, f"Distillation vs teacher ({final['split']}):"),
               flush=True)

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 
 import flexvision
 from flexvision.data import pipeline
-from flexvision.train import flexi, losses, optim, sharding
+from flexvision.engine import integrity
+from flexvision.engine import workdir as workdir_lib
+from flexvision.train import flexi, losses, optim, sharding, validate
 from flexvision.train.checkpoint import Checkpointer
 from flexvision.train.evaluator import Evaluator, flat_metrics, format_table, write_final
 from flexvision.train.input import to_global
@@ -137,23 +139,18 @@ class _SigtermFlag:
         return False
 
 
-def _save_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _non_finite_error(step_range: tuple[int, int], last_good: int | None, directory: str):
     where = (f"the last good checkpoint is step {last_good} in {directory}" if last_good is not None
              else "no checkpoint was saved before it")
     return FloatingPointError(
         f"loss or gradient became NaN/Inf between steps {step_range[0]} and {step_range[1]}; "
         f"stopped without saving the bad state ({where}). Lower config.lr, raise "
-        f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
+        f"config.schedule.warmup_steps or set config.optax.grad_clip_norm (e.g. "
+        f"--config.optax.grad_clip_norm=1.0), then rerun to resume from it.")
 
 
 def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None, frozen=None,
-                       params_init_fn=None, evaluator=None) -> dict:
+                       params_init_fn=None, evaluator=None, allow_config_change=False) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
     saving on SIGTERM and FloatingPointError on a non-finite loss.
@@ -163,23 +160,32 @@ def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None, f
     distillation mode swap the objective and add a teacher;
     ``params_init_fn(params) -> params`` rewrites freshly initialised params (not on resume);
     ``evaluator`` replaces the default :class:`Evaluator`. A ``config.distill`` block selects
-    the distillation mode (flexvision/train/distill.py), which sets these hooks."""
+    the distillation mode (flexvision/train/distill.py), which sets these hooks.
+
+    Before training: every config value is checked (ConfigError naming the key), the workdir is
+    locked against a second run (WorkdirInUseError), unfinished orbax folders of a crashed run
+    are removed and the checkpoint folder must be writable (CheckpointWriteError). Resuming
+    restores the newest checkpoint that verifies (integrity.py), refuses another model/optimizer
+    (IncompatibleCheckpointError) and run-defining config changes unless
+    ``allow_config_change`` (ConfigChangeError); configs are kept in config_history.jsonl."""
+    workdir = workdir_lib.check_workdir_arg(workdir)
+    validate.validate_config(config)
     if config.get("distill") is not None and loss_fn is None and targets_fn is None:
         from flexvision.train import distill
-        return distill.train_and_distill(config, workdir)
-    workdir = os.path.abspath(workdir)
+        return distill.train_and_distill(config, workdir, allow_config_change=allow_config_change)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config)
-    _save_config(config, workdir)
-
-    mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
-    with sharding.activation_rules(mesh, config.get("sharding")):
-        return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, frozen, params_init_fn,
-                              evaluator)
+    with workdir_lib.WorkdirLock(workdir):
+        workdir_lib.clean_stale_tmp(os.path.join(workdir, "checkpoints"))
+        workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
+        mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
+        with sharding.activation_rules(mesh, config.get("sharding")):
+            return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, frozen,
+                                  params_init_fn, evaluator, allow_config_change)
 
 
 def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
-                   params_init_fn=None, evaluator=None) -> dict:
+                   params_init_fn=None, evaluator=None, allow_config_change=False) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
     model = build_model(config)
@@ -197,11 +203,20 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
 
     if checkpointer.latest_step() is not None:
         abstract, shardings = abstract_train_state(model, tx, image_shape, config, mesh)
-        state, meta = checkpointer.restore(start_step, abstract)
+        restored_step, state, meta = checkpointer.restore_newest_good(abstract,
+                                                                      quarantine_to=workdir)
+        workdir_lib.check_and_record_config(config, workdir, restored_step,
+                                            allow_change=allow_config_change)
+        if restored_step != start_step:  # fell back past a corrupt checkpoint
+            start_step = restored_step
+            batches = iter(pipeline.train_dataset(config.input, seed, start_step)
+                           .as_numpy_iterator())
+            first_batch = next(batches)
         if int(meta.get("data_position", start_step)) != start_step:
             raise ValueError(f"checkpoint {start_step} records data position "
                              f"{meta['data_position']}; it was not written by this trainer")
     else:
+        workdir_lib.check_and_record_config(config, workdir, None)
         state, shardings = create_train_state(model, tx, image_shape, config, mesh)
         if params_init_fn is not None:
             params = params_init_fn(state["params"])
@@ -252,6 +267,7 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
             state, metrics = train_step_for(patch_size)(state, to_global(batch, mesh), frozen)
             finite = finite & metrics["finite"]
             step += 1
+            checkpointer.check()  # a failed background save stops the run here, not later
             progress.advance(step)
             if step % log_every == 0 or step == total_steps:
                 ensure_finite(step)

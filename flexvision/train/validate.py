@@ -1,0 +1,255 @@
+"""Start-up checks of a training config and of its command-line overrides.
+
+:func:`validate_config` checks every value the trainer reads before anything is trained (a
+batch size the device count does not divide, an eval setting that can never work, a model
+option the model does not take, ...) and raises one :class:`ConfigError` listing every problem,
+each under its config key (``config.eval.batch_size=30: ...``). It also puts values that came
+from the command line as strings into their meaning (``--config.flexi.probs=(1,1,2)``).
+
+:func:`parse_flags` is the entry points' absl flags parser. It makes the override forms the
+README documents work: ``--config.model.kwargs.<any constructor argument>=<value>`` (even when
+the config file does not list the argument; the value is read as a Python literal, else kept
+as a string) and tuples such as ``--config.flexi.probs=(1,1,1,1,1,1)``. A mistake (unknown key,
+value of the wrong type) ends the program with one line naming the key and the accepted keys or
+type, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+import sys
+from typing import Any, Sequence
+
+from absl import flags
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names each offending key."""
+
+
+def literal(text: str) -> Any:
+    """A command-line value as a Python literal (``(1, 2)``, ``0.5``, ``None``, ``'a'``), or
+    the text itself when it is not one (``gelu``)."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text
+
+
+# --------------------------------------------------------------------------------------------
+# Config values
+# --------------------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Checker:
+    def __init__(self, config):
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        node = self.config
+        for part in key.split("."):
+            if node is None or not hasattr(node, "get"):
+                return default
+            node = node.get(part, default)
+        return node
+
+    def bad(self, key: str, why: str) -> None:
+        value = self.get(key)
+        value = value.to_dict() if hasattr(value, "to_dict") else value
+        self.problems.append(f"config.{key}={value!r}: {why}")
+
+    def int_at_least(self, key: str, low: int, why: str = "", default: Any = None) -> None:
+        value = self.get(key, default)
+        if not _is_int(value) or value < low:
+            self.bad(key, f"must be an integer >= {low}{why}")
+
+    def sizes(self, key: str, allow_empty: bool) -> list[int]:
+        value = self.get(key)
+        if value is None and allow_empty:
+            return []
+        if (isinstance(value, (list, tuple)) and all(_is_int(v) and v > 0 for v in value)
+                and (value or allow_empty)):
+            return list(value)
+        self.bad(key, "must be a " + ("" if allow_empty else "non-empty ")
+                 + "list of positive integers, e.g. (8, 16)")
+        return []
+
+    def divisible(self, key: str, devices: int) -> None:
+        value = self.get(key)
+        if not _is_int(value) or value <= 0:
+            self.bad(key, "must be a positive integer")
+        elif value % devices:
+            self.bad(key, f"must be divisible by the {devices} devices (every device gets the "
+                          f"same number of rows); use {-(-value // devices) * devices}")
+
+    def call(self, key: str, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            self.bad(key, str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+            return None
+
+
+def _normalise_probs(config) -> None:
+    flexi = config.get("flexi")
+    if flexi is None or not isinstance(flexi.get("probs"), str):
+        return
+    value = literal(flexi.probs)
+    if isinstance(value, (list, tuple)):
+        with flexi.ignore_type():
+            flexi.probs = tuple(value)
+
+
+def validate_config(config, device_count: int | None = None) -> None:
+    """Checks every config value the trainer reads (configs/flexivit_digits.py lists them);
+    raises ConfigError naming each bad key, what it holds and what is accepted.
+
+    ``device_count``: devices the batches are split over (default ``jax.device_count()``).
+    Strings given on the command line for sequence-valued keys (``flexi.probs``) are parsed.
+    """
+    import jax
+
+    import flexvision
+    from flexvision.data import ops
+    from flexvision.train import flexi, losses, optim
+
+    devices = int(device_count or jax.device_count())
+    _normalise_probs(config)
+    c = _Checker(config)
+    c.int_at_least("seed", 0)
+    if not isinstance(c.get("model.name"), str):
+        c.bad("model.name", "must be a registered model name (flexvision.list_models())")
+    else:
+        kwargs = dict(c.get("model.kwargs") or {})
+        c.call("model.kwargs" if kwargs else "model.name",
+               lambda: flexvision.create_model(config.model.name, **kwargs))
+    c.divisible("input.batch_size", devices)
+    c.call("input.pp", ops.parse, c.get("input.pp"))
+    c.int_at_least("input.shuffle_buffer", 1, default=1)
+    if c.get("flexi") is not None and c.get("flexi.patch_sizes"):
+        if c.sizes("flexi.patch_sizes", allow_empty=False):
+            c.call("flexi.probs", flexi.patch_size_distribution, config.flexi)
+    smoothing = c.get("label_smoothing", 0.0)
+    if not _is_number(smoothing) or not 0 <= smoothing < 1:
+        c.bad("label_smoothing", "must be a number in [0, 1)")
+    else:
+        c.call("loss", losses.get_loss, c.get("loss", "softmax_xent"), float(smoothing))
+    mixup = c.get("mixup_alpha", 0.0)
+    if mixup is not None and (not _is_number(mixup) or mixup < 0):
+        c.bad("mixup_alpha", "must be a number >= 0 (0 disables mixup)")
+    lr = c.get("lr")
+    if not _is_number(lr) or lr < 0 or math.isinf(lr):  # NaN is let through: the NaN guard
+        c.bad("lr", "must be a finite number >= 0")
+    c.int_at_least("total_steps", 0)
+    if not c.problems:  # these build on lr and total_steps
+        c.call("schedule", optim.make_schedule, config)
+        c.call("optax", optim.make_optimizer, config)
+    c.int_at_least("log_every", 1, default=50)
+    c.int_at_least("checkpoint_every", 0, " (0: only the final checkpoint)", default=500)
+    c.int_at_least("keep_checkpoints", 0, " (0 keeps every checkpoint)", default=3)
+    c.divisible("eval.batch_size", devices)
+    c.call("eval.pp", ops.parse, c.get("eval.pp"))
+    splits = c.get("eval.splits")
+    if not (isinstance(splits, (list, tuple)) and splits
+            and all(isinstance(s, str) and s for s in splits)):
+        c.bad("eval.splits", "must be a non-empty list of split names, e.g. ('test',)")
+    c.sizes("eval.patch_sizes", allow_empty=True)
+    c.sizes("eval.resolutions", allow_empty=True)
+    c.int_at_least("eval.every", 0, " (0: only at the end)", default=0)
+    if c.problems:
+        raise ConfigError(f"invalid config ({len(c.problems)} problem"
+                          f"{'s' if len(c.problems) > 1 else ''}): " + "; ".join(c.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _accepted(node) -> str:
+    keys = sorted(node.keys())
+    return ", ".join(keys)
+
+
+def _explain_override(config, flag: str, arg: str) -> str | None:
+    """Why ``arg`` (``--config.a.b=v``) does not fit ``config``, or None if its key exists."""
+    body = arg[len(f"--{flag}."):]
+    dotted, _, _ = body.partition("=")
+    node, walked = config, flag
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "keys"):
+            return (f"{arg}: {walked} holds {node!r}, not a group of keys; {dotted!r} cannot be "
+                    f"set")
+        if part not in node.keys():
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return (f"{arg}: {walked} has no key {part!r}{hint}; its keys are: "
+                    f"{_accepted(node)}")
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def _parse_with_argv(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
+    # ml_collections' config flag reads its overrides from sys.argv, not from the parsed list
+    saved, sys.argv = sys.argv, list(argv)
+    try:
+        return flag_values(argv)
+    finally:
+        sys.argv = saved
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
+                config_flag: str = "config") -> list[str]:
+    """absl ``flags_parser`` (``app.run(main, flags_parser=parse_flags)``); see the module
+    docstring. Returns the remaining (non-flag) arguments."""
+    kwargs_prefix = f"--{config_flag}.model.kwargs."
+    argv = list(argv)
+    kept, kwargs_args = argv[:1], []
+    for arg in argv[1:]:
+        key = arg[len(kwargs_prefix):].partition("=")[0]
+        if arg.startswith(kwargs_prefix) and "=" in arg and key and "." not in key:
+            kwargs_args.append(arg)
+        else:
+            kept.append(arg)
+    try:
+        rest = _parse_with_argv(flag_values, kept)
+    except flags.Error as err:
+        _die(str(err).strip().splitlines()[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        # an override of a key the config does not have: find it on the config as loaded
+        overrides = [a for a in kept[1:] if a.startswith(f"--{config_flag}.")]
+        try:
+            _parse_with_argv(flag_values, [a for a in kept if a not in overrides])
+            config = flag_values[config_flag].value
+        except Exception:  # noqa: BLE001 -- the config file itself is broken: show why
+            raise err from None
+        for arg in overrides:
+            message = _explain_override(config, config_flag, arg)
+            if message:
+                _die(message)
+        _die(f"{' '.join(overrides)}: {str(err).strip().splitlines()[0]}")
+    config = flag_values[config_flag].value
+    for arg in kwargs_args:
+        key, _, text = arg[len(kwargs_prefix):].partition("=")
+        if config is None or config.get("model") is None:
+            _die(f"{arg}: the config has no model block")
+        with config.unlocked(), config.ignore_type():
+            if config.model.get("kwargs") is None:
+                config.model.kwargs = {}
+            with config.model.kwargs.ignore_type():
+                config.model.kwargs[key] = literal(text)
+    return rest
