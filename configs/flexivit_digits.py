@@ -32,7 +32,7 @@ Config keys (shared by every config in configs/):
 
 import ml_collections
 
-from flexvision.train import sharding
+from flexvision.engine import sharding
 
 PATCH_SIZES = (4, 6, 8, 12, 16, 24)
 

@@ -18,7 +18,7 @@ patch-size baseline configs/vit_i1k.py.
 
 import ml_collections
 
-from flexvision.train import sharding
+from flexvision.engine import sharding
 
 PATCH_SIZES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 TRAIN_EXAMPLES = 1_281_167

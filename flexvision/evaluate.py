@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,33 +30,26 @@ def evaluate_checkpoint(config, workdir: str, patch_sizes=None, resolutions=None
                         step: int | None = None) -> dict:
     """Restores checkpoint ``step`` (default latest) of ``workdir`` and evaluates it.
 
-    Returns ``{"step": N, "splits": {split: table}}`` (tables as in train.evaluator).
+    Returns ``{"step": N, "splits": {split: table}}`` (tables as in engine.evaluation).
     """
     import numpy as np
 
     from flexvision.data import pipeline
-    from flexvision.train import optim, sharding, trainer
-    from flexvision.train.checkpoint import Checkpointer
-    from flexvision.train.evaluator import Evaluator
+    from flexvision.engine.cache import enable_compilation_cache
+    from flexvision.engine.evaluation import Evaluator
+    from flexvision.engine.losses import make_loss
+    from flexvision.engine.sharding import create_mesh
+    from flexvision.engine.state import load_workdir
 
-    trainer.enable_compilation_cache(config)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
-                         f"with python -m flexvision.train --config ... --workdir {workdir}")
-    mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
-    model = trainer.build_model(config)
-    tx, _ = optim.make_optimizer(config)
+    enable_compilation_cache(config.get("compilation_cache_dir"))
     sample = next(pipeline.eval_batches(config.input, config.eval.pp,
                                         (splits or config.eval.splits)[0], config.eval.batch_size))
-    abstract, _ = trainer.abstract_train_state(model, tx, np.shape(sample["image"])[1:], config,
-                                               mesh)
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    evaluator = Evaluator(model, trainer.make_loss(config), config, mesh,
+    mesh = create_mesh(config.get("mesh") or [("data", -1)])
+    _, model, variables, step = load_workdir(workdir, config=config, step=step, mesh=mesh,
+                                             image_shape=np.shape(sample["image"])[1:])
+    evaluator = Evaluator(model, make_loss(config), config, mesh,
                           patch_sizes=patch_sizes, resolutions=resolutions, splits=splits)
-    return {"step": int(step), "splits": evaluator.run(trainer.eval_variables(state))}
+    return {"step": int(step), "splits": evaluator.run(variables)}
 
 
 def main(argv) -> None:
@@ -65,13 +59,20 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter off the console
     import jax
 
-    from flexvision.train.evaluator import format_table
+    from flexvision.engine.evaluation import format_table
 
-    results = evaluate_checkpoint(
-        _CONFIG.value, _WORKDIR.value,
-        patch_sizes=[int(p) for p in _PATCH_SIZES.value] if _PATCH_SIZES.value else None,
-        resolutions=[int(r) for r in _RESOLUTIONS.value] if _RESOLUTIONS.value else None,
-        splits=_SPLITS.value, step=_STEP.value)
+    from flexvision.engine.integrity import CheckpointCorruptError, IncompatibleCheckpointError
+    from flexvision.engine.workdir import WorkdirError
+
+    try:
+        results = evaluate_checkpoint(
+            _CONFIG.value, _WORKDIR.value,
+            patch_sizes=[int(p) for p in _PATCH_SIZES.value] if _PATCH_SIZES.value else None,
+            resolutions=[int(r) for r in _RESOLUTIONS.value] if _RESOLUTIONS.value else None,
+            splits=_SPLITS.value, step=_STEP.value)
+    except (WorkdirError, IncompatibleCheckpointError, CheckpointCorruptError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if jax.process_index() == 0:
         for split, table in results["splits"].items():
             print(format_table(table, f"{split} (checkpoint step {results['step']}):"))
@@ -83,7 +84,9 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point ``flexvision-evaluate``."""
-    app.run(main)
+    from flexvision.engine.overrides import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexvision.train.checkpoint import Checkpointer, abstract_like
+from flexvision.engine.checkpoint import Checkpointer, abstract_like
 
 
 def _state(value):

@@ -7,8 +7,9 @@ import optax
 from flax.linen import meta
 
 import flexvision
+from flexvision.engine import losses
+from flexvision.engine.step import make_train_step
 from flexvision.train import distill
-from flexvision.train.step import make_train_step
 
 
 def numpy_distill_kl(student, teacher, temperature):
@@ -25,18 +26,18 @@ def test_kl_matches_numpy_reference():
     rng = np.random.default_rng(0)
     student, teacher = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
     for temperature in (1.0, 2.5):
-        ours = np.asarray(distill.distillation_kl(student, teacher, temperature))
+        ours = np.asarray(losses.distillation_kl(student, teacher, temperature))
         ref = numpy_distill_kl(student, teacher, temperature)
         assert ours.shape == (5,)
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    assert np.allclose(distill.distillation_kl(teacher, teacher, 1.0), 0.0, atol=1e-6)
+    assert np.allclose(losses.distillation_kl(teacher, teacher, 1.0), 0.0, atol=1e-6)
 
 
 def test_mixed_loss_weights_kl_and_labels():
     rng = np.random.default_rng(1)
     student, teacher = rng.normal(size=(2, 4, 3)).astype(np.float32)
     labels = np.eye(3, dtype=np.float32)[[0, 2, 1, 1]]
-    loss = distill.make_distill_loss(2.0, 0.25, lambda z, y: optax.softmax_cross_entropy(z, y))
+    loss = losses.make_distill_loss(2.0, 0.25, lambda z, y: optax.softmax_cross_entropy(z, y))
     ours = np.asarray(loss(student, np.concatenate([teacher, labels], -1)))
     log_p = student - np.log(np.exp(student).sum(-1, keepdims=True))
     ref = 0.75 * numpy_distill_kl(student, teacher, 2.0) + 0.25 * -(labels * log_p).sum(-1)
@@ -59,13 +60,13 @@ def test_teacher_receives_no_updates_and_student_learns():
     params = meta.unbox(student.init(jax.random.key(2), images, train=False))["params"]
     tx = optax.adam(1e-2)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    step = jax.jit(make_train_step(student, tx, distill.make_distill_loss(1.0), seed=0,
+    step = jax.jit(make_train_step(student, tx, losses.make_distill_loss(1.0), seed=0,
                                    patch_size=4, targets_fn=distill.make_teacher_targets(teacher)))
-    losses = []
+    history = []
     for _ in range(5):
         state, metrics = step(state, {"image": images, "labels": labels}, teacher.variables)
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < losses[0]
+        history.append(float(metrics["loss"]))
+    assert history[-1] < history[0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, teacher_before,
                            jax.tree_util.tree_map(np.array, teacher.variables))
     assert "teacher" not in str(jax.tree_util.tree_structure(state["opt_state"]))

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import flexvision
-from flexvision.train import distributed, sharding
+from flexvision.engine import distributed, sharding
 
 MESH_3D = AbstractMesh((2, 2, 2), ("data", "fsdp", "model"))
 TINY_VIT = dict(width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(4, 4),
@@ -32,7 +32,7 @@ def boxed_vit():
 
 def spec_table(shardings):
     """'/'-joined path -> PartitionSpec of a (boxed or plain) sharding tree."""
-    plain = sharding.unboxed(shardings)
+    plain = sharding.unbox(shardings)
     return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
             s.spec for path, s in jax.tree_util.tree_flatten_with_path(plain)[0]}
 
@@ -158,7 +158,7 @@ def test_boxed_tree_keeps_its_structure(boxed_vit):
 def test_optimizer_state_follows_its_parameters(boxed_vit, boxed_state):
     """Adam's mu and nu get their parameter's sharding, boxed or matched by path and shape."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    params = boxed_vit["params"] if boxed_state else sharding.unboxed(boxed_vit["params"])
+    params = boxed_vit["params"] if boxed_state else sharding.unbox(boxed_vit["params"])
     state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
     config = {"fsdp_min_size": 1024}
     specs = spec_table(sharding.tree_shardings(state, MESH_3D, config,

@@ -62,7 +62,7 @@ class Experiment:
         import optax
 
         import flexvision
-        from flexvision.train import sharding
+        from flexvision.engine import sharding
 
         self.sharding_config = sharding_config or {"fsdp_min_size": FSDP_MIN_SIZE}
         self.mesh = sharding.create_mesh(mesh_axes, devices)
@@ -71,7 +71,7 @@ class Experiment:
         dummy = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
 
         def init_state(rng):
-            params = sharding.unboxed(self.model.init(rng, dummy, patch_size=PATCH)["params"])
+            params = sharding.unbox(self.model.init(rng, dummy, patch_size=PATCH)["params"])
             return {"step": jnp.zeros((), jnp.int32), "params": params,
                     "opt_state": self.tx.init(params)}
 
@@ -97,7 +97,7 @@ class Experiment:
                              out_shardings=(self.shardings, sharding.replicated(self.mesh)))
 
     def rules(self):
-        from flexvision.train import sharding
+        from flexvision.engine import sharding
         return sharding.activation_rules(self.mesh, self.sharding_config)
 
     def init(self, sharded_init: bool = False):
@@ -114,7 +114,7 @@ class Experiment:
 
     def train(self, state, steps: int):
         """Runs ``steps`` steps from ``state``; returns (state, losses)."""
-        from flexvision.train import distributed, sharding
+        from flexvision.engine import distributed, sharding
         losses = []
         with self.rules():
             for _ in range(steps):
@@ -142,7 +142,7 @@ def flat_params(state) -> dict:
     """Full NumPy copies of the parameters, keyed by their '/'-joined path."""
     import jax
 
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
     params = distributed.gather_to_host(state["params"])
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -154,11 +154,40 @@ def specs(shardings) -> dict:
             for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
 
 
+def save(directory: str, state) -> None:
+    """Checkpoints ``state`` at its step through the trainer's checkpoint API (every process)."""
+    from flexvision.engine.checkpoint import Checkpointer
+    checkpointer = Checkpointer(directory, async_save=False)
+    step = int(state["step"])
+    checkpointer.save(step, state, {"step": step, "data_position": step})
+    checkpointer.close()
+
+
+def latest_step(directory: str) -> int | None:
+    from flexvision.engine.checkpoint import Checkpointer
+    checkpointer = Checkpointer(directory, async_save=False)
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    return step
+
+
+def restore(directory: str, exp: "Experiment"):
+    """The latest checkpoint in ``directory`` read straight into ``exp``'s shardings (whatever
+    mesh wrote it), through the trainer's checkpoint API."""
+    from flexvision.engine import sharding
+    from flexvision.engine.checkpoint import Checkpointer
+    checkpointer = Checkpointer(directory, async_save=False)
+    state, _ = checkpointer.restore(checkpointer.latest_step(),
+                                    sharding.sharded_abstract(exp.abstract_state, exp.shardings))
+    checkpointer.close()
+    return state
+
+
 def run_equivalence(out: str) -> None:
     """Same training under every mesh in MESHES; memory per device under FSDP; resharded restore."""
     import jax
 
-    from flexvision.train import distributed, sharding
+    from flexvision.engine import distributed, sharding
     results = {"losses": {}, "live_bytes": {}, "planned_bytes": {}, "specs": {}}
     arrays = {}
     states = {}
@@ -183,13 +212,12 @@ def run_equivalence(out: str) -> None:
     # Checkpoint under data=2 x fsdp=2 x model=2; restore under data=2 x fsdp=4 and on one device.
     source, state = states["data2_fsdp2_model2"]
     ckpt = os.path.join(out, "ckpt")
-    distributed.save_checkpoint(ckpt, int(state["step"]), state)
+    save(ckpt, state)
     _, continued = source.train(state, 1)
-    results["restore"] = {"source_next_loss": continued[0],
-                          "latest_step": distributed.latest_step(ckpt)}
+    results["restore"] = {"source_next_loss": continued[0], "latest_step": latest_step(ckpt)}
     for name in ("data2_fsdp4", "single"):
         target = states[name][0]
-        restored = distributed.restore_checkpoint(ckpt, target.abstract_state, target.shardings)
+        restored = restore(ckpt, target)
         same_layout = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
             jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(target.shardings)))
         _, after = target.train(restored, 1)
@@ -204,11 +232,11 @@ def run_equivalence(out: str) -> None:
 def run_multihost(out: str, process_id: int, port: int) -> None:
     """Process ``process_id`` of 2: train STEPS, checkpoint, train EXTRA_STEPS more."""
 
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
     info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
     exp = Experiment([("data", 2), ("fsdp", 2), ("model", 2)])
     state, losses = exp.train(exp.init(sharded_init=True), STEPS)
-    distributed.save_checkpoint(os.path.join(out, "ckpt"), STEPS, state)
+    save(os.path.join(out, "ckpt"), state)
     state, more = exp.train(state, EXTRA_STEPS)
     params = flat_params(state)
     if distributed.is_main_process():
@@ -224,11 +252,10 @@ def run_multihost(out: str, process_id: int, port: int) -> None:
 def run_resume(out: str) -> None:
     """One process (4 devices, data=2 x fsdp=2): resume the 2-process checkpoint, and from scratch."""
 
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
     info = distributed.initialize()
     exp = Experiment([("data", 2), ("fsdp", 2)])
-    restored = distributed.restore_checkpoint(os.path.join(out, "ckpt"), exp.abstract_state,
-                                              exp.shardings)
+    restored = restore(os.path.join(out, "ckpt"), exp)
     resumed, resumed_losses = exp.train(restored, EXTRA_STEPS)
     scratch, scratch_losses = exp.train(exp.init(), STEPS + EXTRA_STEPS)
     np.savez(os.path.join(out, "resumed_params.npz"), **flat_params(resumed))
@@ -245,7 +272,7 @@ def trainer_config(workdir_root: str):
                                     "configs"))
     import flexivit_digits
 
-    from flexvision.train import sharding
+    from flexvision.engine import sharding
     config = flexivit_digits.get_config()
     config.model.kwargs.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
     config.input.data_dir = os.path.join(workdir_root, "tfds")
@@ -267,7 +294,7 @@ def trainer_config(workdir_root: str):
 
 def run_trainer(out: str, process_id: int | None, port: int | None) -> None:
     """The real trainer: 2 processes (data=2 x fsdp=2 x model=2), or 1 process resuming on 4."""
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
     if process_id is not None:
         distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
     from flexvision.data import pipeline

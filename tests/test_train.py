@@ -85,13 +85,13 @@ def _metrics(workdir, key):
 
 
 def _restore_params(config, workdir, step):
-    from flexvision.train import optim, sharding, trainer
-    from flexvision.train.checkpoint import Checkpointer
+    from flexvision.engine import optim, sharding, state
+    from flexvision.engine.checkpoint import Checkpointer
 
     mesh = sharding.create_mesh([("data", -1)])
-    model = trainer.build_model(config)
+    model = state.build_model(config)
     tx, _ = optim.make_optimizer(config)
-    abstract, _ = trainer.abstract_train_state(model, tx, (16, 16, 3), config, mesh)
+    abstract, _ = state.abstract_train_state(model, tx, (16, 16, 3), config, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     state, meta = checkpointer.restore(step, abstract)
     checkpointer.close()
@@ -154,7 +154,7 @@ def jax_leaves(tree):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, cache_dir, tmp_path):
-    from flexvision.train.checkpoint import Checkpointer
+    from flexvision.engine.checkpoint import Checkpointer
 
     config = tiny_config(data_dir, cache_dir, total_steps=100_000, checkpoint_every=0)
     workdir = tmp_path / "preempted"
@@ -177,7 +177,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, cache_dir, tmp_path):
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data_dir, cache_dir, tmp_path):
-    from flexvision.train.checkpoint import Checkpointer
+    from flexvision.engine.checkpoint import Checkpointer
     from flexvision.train.trainer import train_and_evaluate
 
     workdir = str(tmp_path / "nan")
@@ -225,13 +225,13 @@ def test_batchnorm_model_without_patch_size_trains(data_dir, cache_dir, tmp_path
     config.eval.patch_sizes = ()
     final = train_and_evaluate(config, str(tmp_path / "bn"))
     assert list(final["accuracy"]) == ["default"]
-    from flexvision.train import optim, sharding, trainer
-    from flexvision.train.checkpoint import Checkpointer
+    from flexvision.engine import optim, sharding, state
+    from flexvision.engine.checkpoint import Checkpointer
 
-    model = trainer.build_model(config)
+    model = trainer_module.build_model(config)
     tx, _ = optim.make_optimizer(config)
-    abstract, _ = trainer.abstract_train_state(model, tx, (16, 16, 3), config,
-                                               sharding.create_mesh([("data", -1)]))
+    abstract, _ = state.abstract_train_state(model, tx, (16, 16, 3), config,
+                                             sharding.create_mesh([("data", -1)]))
     checkpointer = Checkpointer(str(tmp_path / "bn" / "checkpoints"))
     state, _ = checkpointer.restore(2, abstract)
     checkpointer.close()

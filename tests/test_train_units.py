@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flexvision.data.mixup import mixup
-from flexvision.train import flexi, losses, optim
+from flexvision.engine.mixup import mixup
+from flexvision.engine import losses, optim
+from flexvision.engine import patch_schedule as flexi
 
 
 def _flexi(**kw):
@@ -120,7 +121,7 @@ def test_train_step_targets_hook_replaces_the_labels():
     import flax.linen as nn
     import optax
 
-    from flexvision.train.step import make_train_step
+    from flexvision.engine.step import make_train_step
 
     class Linear(nn.Module):
         @nn.compact

@@ -26,6 +26,7 @@ from flexvision import registry
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel,
                                        torch_linear_kernel)
+from flexvision.layers import flex
 from flexvision.models import mvit as mvit_models
 
 _MODEL_FIELDS = frozenset(mvit_models.TIMM_CFG_FIELDS)
@@ -142,7 +143,7 @@ def convert_mvit(name: str, state_dict: StateDict, **kwargs: Any):
     converted = dict(_convert_tensor(k, v) for k, v in state.items())
     converted = {f"params/{k}": v for k, v in converted.items()}
 
-    size = mvit_models.as_pair(model.img_size, "img_size")
+    size = flex.to_pair(model.img_size, "img_size")
     template = abstract_variables(model, jnp.zeros((1, *size, model.in_chans), jnp.float32))
     try:
         variables = fit_to_template(template, converted, source=f"timm {name}")

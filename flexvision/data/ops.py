@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from flexvision.layers.flex import to_pair
+
 RNG_KEY = "_rng"
 Op = Callable[[dict], dict]
 
@@ -112,18 +114,6 @@ def parse(pp: str) -> Op:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _pair(size, what: str = "size") -> tuple[int, int]:
-    """(height, width) from an int or a pair of positive ints."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
-        raise ValueError(f"{what} must be an int or a pair of ints, got {size!r}")
-    if min(size) <= 0:
-        raise ValueError(f"{what} must be positive, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
 def _split_rng(data: dict) -> tf.Tensor:
     """A fresh stateless seed for one random op; advances ``data['_rng']``."""
     if RNG_KEY not in data:
@@ -174,7 +164,7 @@ def get_decode(channels: int = 3, key: str = "image"):
 @register_op("resize")
 def get_resize(size, method: str = "bilinear", key: str = "image"):
     """Resizes the image to exactly ``size`` (int or (height, width)), antialiased."""
-    size = _pair(size)
+    size = to_pair(size)
     method = _check_method(method)
 
     def _op(data):
@@ -186,7 +176,7 @@ def get_resize(size, method: str = "bilinear", key: str = "image"):
 @register_op("resize_small")
 def get_resize_small(smaller_size: int, method: str = "bilinear", key: str = "image"):
     """Resizes so that the shorter side is ``smaller_size``, keeping the aspect ratio."""
-    smaller_size = _pair(smaller_size, "smaller_size")[0]
+    smaller_size = to_pair(smaller_size, "smaller_size")[0]
     method = _check_method(method)
 
     def _op(data):
@@ -203,7 +193,7 @@ def get_resize_small(smaller_size: int, method: str = "bilinear", key: str = "im
 @register_op("central_crop")
 def get_central_crop(size, key: str = "image"):
     """Crops the central ``size`` window (the image must be at least that large)."""
-    crop_h, crop_w = _pair(size)
+    crop_h, crop_w = to_pair(size)
 
     def _op(data):
         image = data[key]
@@ -217,7 +207,7 @@ def get_central_crop(size, key: str = "image"):
 @register_op("random_crop")
 def get_random_crop(size, key: str = "image"):
     """Crops a uniformly placed ``size`` window."""
-    crop_h, crop_w = _pair(size)
+    crop_h, crop_w = to_pair(size)
 
     def _op(data):
         image = data[key]
@@ -235,7 +225,7 @@ def get_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
     if not 0 < area_min <= area_max <= 100:
         raise ValueError(f"need 0 < area_min <= area_max <= 100 (percent), got "
                          f"area_min={area_min!r}, area_max={area_max!r}")
-    size = None if size is None else _pair(size)
+    size = None if size is None else to_pair(size)
     method = _check_method(method)
 
     def _op(data):

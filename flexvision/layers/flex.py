@@ -38,17 +38,22 @@ RESIZE_METHODS = ("big_vision", "timm")
 _KERNELS_1D = ("tf_bilinear", "torch_bilinear", "jax_linear", "torch_bicubic_aa", "torch_bicubic")
 
 
-def to_pair(value: int | Sequence[int], what: str = "size") -> tuple[int, int]:
-    """``7`` -> ``(7, 7)``; ``(7, 5)`` -> ``(7, 5)``; anything else is a ValueError."""
+def to_pair(value: int | Sequence[int], what: str = "size", minimum: int = 1) -> tuple[int, int]:
+    """``7`` -> ``(7, 7)``; ``(7, 5)`` -> ``(7, 5)``: the one int-or-pair helper of flexvision.
+
+    ValueError for anything else (floats, bools, other lengths) or for entries below
+    ``minimum`` (1 for sizes; 0 where zero is meaningful, e.g. padding).
+    """
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif (isinstance(value, Sequence) and len(value) == 2
           and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+        raise ValueError(f"{what} must be an int or a pair of ints (height, width), got {value!r}")
+    if min(pair) < minimum:
+        bound = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{what} must be {bound}, got {value!r}")
     return pair
 
 
@@ -105,7 +110,6 @@ def resize_matrix_1d(in_size: int, out_size: int, kernel: str) -> np.ndarray:
         raise ValueError(f"unknown 1-D resize kernel {kernel!r}; accepted: {_KERNELS_1D}")
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
-    scale = in_size / out_size  # input pixels per output pixel
     return _read_only(_resize_weights(in_size, out_size, kernel))
 
 
@@ -275,6 +279,35 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Ar
     rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
     cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
     return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x, precision=precision)
+
+
+def resize_images(images: jax.Array, size: int | Sequence[int] | None) -> jax.Array:
+    """NHWC ``images`` resized to ``size`` (an int for a square, or (height, width); None or the
+    current size: unchanged) with ``jax.image.resize(method="bilinear")``, which antialiases
+    when shrinking. The resize of whole images outside the model: eval images to another
+    resolution, a distillation teacher's input to its own resolution."""
+    if size is None:
+        return images
+    height, width = to_pair(size, "image size")
+    if images.shape[1:3] == (height, width):
+        return images
+    return jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
+                            method="bilinear")
+
+
+def least_squares_source(matrix: np.ndarray, target: jax.Array) -> jax.Array:
+    """The ``source`` [N, ...] with ``matrix @ source == target`` [M, ...] along the leading axis
+    (``matrix`` [M, N], e.g. a :func:`pi_resize_matrix` or :func:`posemb_resize_matrix`): the
+    minimum-norm solution when one exists, else the least-squares fit, through the
+    Moore-Penrose pseudo-inverse (computed once in NumPy, applied at HIGHEST precision).
+
+    Distillation uses it to store a teacher's patch kernel / position embedding in a student
+    whose own resize to the teacher's sizes then reproduces the teacher's.
+    """
+    solve = np.linalg.pinv(np.asarray(matrix)).astype(np.float32)
+    flat = target.reshape(target.shape[0], -1)
+    return jnp.matmul(jnp.asarray(solve), flat, precision=jax.lax.Precision.HIGHEST
+                      ).reshape(solve.shape[0], *target.shape[1:])
 
 
 def resize_rel_pos_table(table: jax.Array, length: int) -> jax.Array:

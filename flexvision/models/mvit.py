@@ -30,21 +30,12 @@ import numpy as np
 
 from flexvision.layers.attention import decomposed_rel_pos_bias, dot_product_attention
 from flexvision.layers.common import conv, dense, layer_norm, param_init
-from flexvision.layers.flex import resize_bilinear
+from flexvision.layers.flex import resize_bilinear, to_pair
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp
 from flexvision.registry import register_model
 
 Size = tuple[int, int]
-
-
-def as_pair(value: int | Sequence[int], what: str) -> Size:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"{what} must be an int or a pair of ints, got {value}")
-    return value
 
 
 def per_stage(value: int | Sequence[int], num_stages: int, what: str) -> tuple[int, ...]:
@@ -297,13 +288,14 @@ class MultiScaleVit(nn.Module):
     def stage_config(self) -> dict[str, tuple]:
         """Per-stage widths, heads, q/kv strides, as timm's ``MultiScaleVitCfg`` derives them."""
         num_stages = len(self.depths)
-        stride_q = tuple(as_pair(s, "stride_q entry") for s in self.stride_q)
+        stride_q = tuple(to_pair(s, "stride_q entry") for s in self.stride_q)
         if len(stride_q) != num_stages:
             raise ValueError(f"stride_q has {len(stride_q)} entries, depths {num_stages} stages")
         if self.stride_kv is not None:
-            stride_kv = tuple(as_pair(s, "stride_kv entry") for s in self.stride_kv)
+            stride_kv = tuple(to_pair(s, "stride_kv entry") for s in self.stride_kv)
         elif self.stride_kv_adaptive is not None:
-            stride_kv = adaptive_kv_strides(stride_q, as_pair(self.stride_kv_adaptive, "stride_kv"))
+            stride_kv = adaptive_kv_strides(stride_q,
+                                            to_pair(self.stride_kv_adaptive, "stride_kv"))
         else:
             stride_kv = ((1, 1),) * num_stages
         return {"embed_dim": per_stage(self.embed_dim, num_stages, "embed_dim"),
@@ -312,16 +304,17 @@ class MultiScaleVit(nn.Module):
 
     def patch_grid(self, height: int, width: int) -> Size:
         """Token grid of the patch-embedding convolution for an input of this size."""
-        kernel = as_pair(self.patch_kernel, "patch_kernel")
-        stride = as_pair(self.patch_stride, "patch_stride")
-        padding = as_pair(self.patch_padding, "patch_padding")
+        kernel = to_pair(self.patch_kernel, "patch_kernel")
+        stride = to_pair(self.patch_stride, "patch_stride")
+        padding = to_pair(self.patch_padding, "patch_padding", minimum=0)
         return tuple((n + 2 * p - k) // s + 1
                      for n, p, k, s in zip((height, width), padding, kernel, stride))
 
     def reference_grid(self) -> Size:
         """The patch grid of ``img_size`` (``img_size // patch_stride``, as timm and SlowFast):
         the grid the position tables are built for."""
-        img, stride = as_pair(self.img_size, "img_size"), as_pair(self.patch_stride, "patch_stride")
+        img = to_pair(self.img_size, "img_size")
+        stride = to_pair(self.patch_stride, "patch_stride")
         return (img[0] // stride[0], img[1] // stride[1])
 
     def _rel_pos_sizes(self, cfg: dict[str, tuple]) -> list[list[Size | None]]:
@@ -356,15 +349,17 @@ class MultiScaleVit(nn.Module):
         height, width = images.shape[1:3]
         grid = self.patch_grid(height, width)
         if min(grid) < 1:
-            kernel, padding = as_pair(self.patch_kernel, "k"), as_pair(self.patch_padding, "p")
+            kernel = to_pair(self.patch_kernel, "patch_kernel")
+            padding = to_pair(self.patch_padding, "patch_padding", minimum=0)
             smallest = tuple(k - 2 * p for k, p in zip(kernel, padding))
             raise ValueError(f"MultiScaleVit: input {height}x{width} is smaller than the patch "
                              f"embedding can take; height and width must be at least "
                              f"{smallest[0]}x{smallest[1]} (kernel {kernel}, padding {padding})")
         cfg = self.stage_config()
-        x = conv(cfg["embed_dim"][0], as_pair(self.patch_kernel, "patch_kernel"),
-                 strides=as_pair(self.patch_stride, "patch_stride"),
-                 padding=tuple((p, p) for p in as_pair(self.patch_padding, "patch_padding")),
+        x = conv(cfg["embed_dim"][0], to_pair(self.patch_kernel, "patch_kernel"),
+                 strides=to_pair(self.patch_stride, "patch_stride"),
+                 padding=tuple((p, p) for p in to_pair(self.patch_padding, "patch_padding",
+                                                       minimum=0)),
                  dtype=self.dtype, name="patch_embed")(images.astype(self.dtype or jnp.float32))
         batch, gh, gw, width = x.shape
         x = x.reshape(batch, gh * gw, width)
@@ -388,7 +383,7 @@ class MultiScaleVit(nn.Module):
                  return_features: bool = False) -> jax.Array | dict[str, jax.Array]:
         self._check_config()
         cfg = self.stage_config()
-        kernel = as_pair(self.kernel_qkv, "kernel_qkv")
+        kernel = to_pair(self.kernel_qkv, "kernel_qkv")
         x, size = self._embed(images)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         rel_sizes = self._rel_pos_sizes(cfg)

@@ -51,21 +51,13 @@ from flexvision.layers.attention import _attention_with_dropout, dot_product_att
 from flexvision.layers.attention import relative_position_bias
 from flexvision.layers.common import conv, dense, layer_norm, param_init
 from flexvision.layers.drop import DropPath, drop_path_rates
+from flexvision.layers.flex import to_pair
 from flexvision.layers.mlp import Mlp
 from flexvision.layers.windows import (pad_to_multiple, shifted_window_mask, window_partition,
                                        window_reverse)
 from flexvision.registry import register_model
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the reference
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
-    return value
 
 
 def stage_windows(window_size: Any, num_stages: int) -> list[tuple[int, int]]:
@@ -75,11 +67,11 @@ def stage_windows(window_size: Any, num_stages: int) -> list[tuple[int, int]]:
         return [(window_size, window_size)] * num_stages
     window_size = tuple(window_size)
     if len(window_size) == 2 and all(isinstance(w, int) for w in window_size):
-        return [_pair(window_size)] * num_stages
+        return [to_pair(window_size, "window_size")] * num_stages
     if len(window_size) != num_stages:
         raise ValueError(f"window_size {window_size!r}: give an int, an (h, w) pair or one entry "
                          f"per stage ({num_stages} stages)")
-    return [_pair(w) for w in window_size]
+    return [to_pair(w, "window_size") for w in window_size]
 
 
 def design_window_and_shift(resolution: tuple[int, int], window: tuple[int, int], shifted: bool
@@ -289,7 +281,7 @@ class SwinTransformer(nn.Module):
                                      name="patch_embed_proj")
         self.patch_embed_norm = layer_norm(LAYER_NORM_EPS, dtype=self.dtype,
                                            name="patch_embed_norm")
-        grid = tuple(size // self.patch_size for size in _pair(self.img_size))
+        grid = tuple(size // self.patch_size for size in to_pair(self.img_size, "img_size"))
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages, start = [], 0
         for i, depth in enumerate(self.depths):

@@ -35,7 +35,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter off the console
-    from flexvision.train import distributed
+    from flexvision.engine import distributed
 
     distributed.initialize(config=_CONFIG.value)
     from flexvision.engine.integrity import (CheckpointCorruptError, CheckpointWriteError,
@@ -61,7 +61,7 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point ``flexvision-train``."""
-    from flexvision.train.validate import parse_flags
+    from flexvision.engine.overrides import parse_flags
 
     app.run(main, flags_parser=parse_flags)
 

@@ -4,10 +4,10 @@ FlexiViT's best models are distilled (Beyer et al. 2023, arXiv 2212.08013, sec. 
 big_vision configs/proj/flexivit): the teacher runs at its own resolution and patch size on the
 same augmented crop as the student, and the student minimises
 ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al. 2015), optionally
-mixed with the label loss. Chosen by config: a ``config.distill`` block makes
-``trainer.train_and_evaluate`` call :func:`train_and_distill`, which plugs the teacher into the
-ordinary trainer through its hooks (``loss_fn``, ``targets_fn``, ``params_init_fn``,
-``evaluator``); nothing else of the loop changes.
+mixed with the label loss. Chosen by config: for a ``config.distill`` block the trainer's
+entry point builds :func:`distillation`, an :class:`~flexvision.train.objective.Objective`
+(loss, teacher targets, student init, evaluator, report) that the ordinary loop runs; nothing
+else of the loop changes.
 
 ``config.distill`` keys:
   teacher.source       'workdir' (a flexvision trainer workdir: its config.json names the
@@ -26,74 +26,29 @@ ordinary trainer through its hooks (``loss_fn``, ``targets_fn``, ``params_init_f
 
 The teacher is frozen: its variables are not in the train state or the optimizer, and its
 outputs pass through ``stop_gradient``. They are placed with the same sharding rules as the
-student (``sharding.tree_shardings`` with ``config.sharding``).
+student (``sharding.tree_shardings`` with ``config.sharding``). Teacher images are resized to
+its resolution with ``flex.resize_images``; the student init solves for its stored patch kernel
+and position embedding with ``flex.least_squares_source``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from flexvision.data import pipeline
+from flexvision.engine import sharding
+from flexvision.engine.evaluation import Evaluator
+from flexvision.engine.losses import distillation_kl, make_distill_loss, make_loss
+from flexvision.engine.state import load_workdir, native_image_shape, unbox
+from flexvision.engine.step import model_kwargs
 from flexvision.layers import flex
-from flexvision.train import optim, sharding
-from flexvision.train.evaluator import Evaluator
-from flexvision.train.input import to_global
-from flexvision.train.step import model_kwargs
+from flexvision.train.objective import Objective
 
 TEACHER_SOURCES = ("workdir", "timm", "big_vision")
-
-
-def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array,
-                    temperature: float = 1.0) -> jax.Array:
-    """Per-example ``T^2 * KL(p_t || p_s)`` with ``p = softmax(logits / T)`` (Hinton et al.
-    2015, eq. 2 and the T^2 gradient scaling of sec. 2; big_vision's ``kl`` distill loss)."""
-    temperature = float(temperature)
-    log_p_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
-    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
-    kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-    return temperature ** 2 * kl
-
-
-def make_distill_loss(temperature: float, label_weight: float = 0.0,
-                      label_loss: Callable | None = None) -> Callable:
-    """Per-example loss over ``targets = concat([teacher_logits, labels], -1)`` (what
-    :func:`make_teacher_targets` returns): ``(1 - w) * KL + w * label_loss``."""
-    label_weight = float(label_weight)
-    if not 0.0 <= label_weight <= 1.0:
-        raise ValueError(f"config.distill.label_weight must be in [0, 1], got {label_weight}")
-    if label_weight and label_loss is None:
-        raise ValueError("label_weight > 0 needs a label loss (config.loss)")
-
-    def loss_fn(student_logits, targets):
-        num_classes = student_logits.shape[-1]
-        if targets.shape[-1] != 2 * num_classes:
-            raise ValueError(f"distillation targets must be [teacher logits, labels] with "
-                             f"{2 * num_classes} columns; got shape {targets.shape}. The teacher "
-                             f"and student must have the same number of classes")
-        teacher_logits, labels = targets[..., :num_classes], targets[..., num_classes:]
-        loss = distillation_kl(student_logits, teacher_logits, temperature)
-        if label_weight:
-            loss = (1.0 - label_weight) * loss + label_weight * label_loss(student_logits, labels)
-        return loss
-
-    return loss_fn
-
-
-def resize_square(images: jax.Array, resolution: int | None) -> jax.Array:
-    """Bilinear resize of an NHWC batch to ``resolution`` x ``resolution`` (None: unchanged)."""
-    if resolution is None or images.shape[1:3] == (resolution, resolution):
-        return images
-    return jax.image.resize(images, (images.shape[0], resolution, resolution, images.shape[3]),
-                            method="bilinear")
 
 
 @dataclass(frozen=True)
@@ -106,7 +61,7 @@ class Teacher:
 
     def logits(self, variables, images: jax.Array) -> jax.Array:
         """The teacher's eval-mode logits on ``images`` resized to its resolution."""
-        images = resize_square(images, self.resolution)
+        images = flex.resize_images(images, self.resolution)
         logits = self.model.apply(variables, images, train=False,
                                   **model_kwargs(self.model, self.patch_size))
         return jax.lax.stop_gradient(logits.astype(jnp.float32))
@@ -125,53 +80,13 @@ def make_teacher_targets(teacher: Teacher) -> Callable:
     return targets_fn
 
 
-def _native_size(model: nn.Module) -> int:
-    """An input side every parameter shape is defined at: posemb grid x patch for ViTs."""
-    if hasattr(model, "posemb_grid") and hasattr(model, "patch_size"):
-        return flex.to_pair(model.posemb_grid)[0] * flex.to_pair(model.patch_size)[0]
-    return 224
-
-
-def _teacher_from_workdir(workdir: str, mesh, sharding_config):
-    """(model, variables) of the latest checkpoint of a flexvision trainer workdir."""
-    from flexvision.train import trainer
-    from flexvision.train.checkpoint import Checkpointer
-
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"teacher workdir {workdir!r} has no config.json; point "
-                         f"config.distill.teacher.workdir at a directory written by "
-                         f"`python -m flexvision.train`")
-    with open(config_path, encoding="utf-8") as f:
-        teacher_config = ml_collections.ConfigDict(json.load(f))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ValueError(f"teacher workdir {workdir!r} holds no checkpoint; train the teacher "
-                         f"first")
-    model = trainer.build_model(teacher_config)
-    tx, _ = optim.make_optimizer(teacher_config)
-    image_size = _native_size(model)
-    with teacher_config.unlocked():
-        teacher_config.sharding = sharding_config or ml_collections.ConfigDict()
-    abstract, _ = trainer.abstract_train_state(
-        model, tx, (image_size, image_size, getattr(model, "in_chans", 3)), teacher_config, mesh)
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    return model, trainer.eval_variables(state)
-
-
-def _place_like_student(model, variables, mesh, sharding_config, image_size: int):
+def _place_like_student(model, variables, mesh, sharding_config):
     """Puts imported teacher variables onto the mesh with the student's sharding rules."""
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, image_size, image_size, getattr(model, "in_chans", 3))),
-        train=False))
-    shardings = sharding.tree_shardings(abstract, mesh, sharding_config)
-    shardings = jax.tree_util.tree_map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, shardings,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-    shardings = {k: shardings[k] for k in variables}
-    return jax.device_put(variables, shardings)
+    shape = native_image_shape(model)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape)),
+                                                 train=False))
+    shardings = unbox(sharding.tree_shardings(abstract, mesh, sharding_config))
+    return jax.device_put(variables, {k: shardings[k] for k in variables})
 
 
 def load_teacher(teacher_config, mesh, sharding_config=None) -> Teacher:
@@ -179,7 +94,8 @@ def load_teacher(teacher_config, mesh, sharding_config=None) -> Teacher:
     source = teacher_config.get("source", "workdir")
     kwargs = dict(teacher_config.get("kwargs", None) or {})
     if source == "workdir":
-        model, variables = _teacher_from_workdir(teacher_config.workdir, mesh, sharding_config)
+        _, model, variables, _ = load_workdir(teacher_config.workdir, mesh=mesh,
+                                              sharding_config=sharding_config or {})
     elif source in ("timm", "big_vision"):
         from flexvision import convert
         if source == "timm":
@@ -187,8 +103,7 @@ def load_teacher(teacher_config, mesh, sharding_config=None) -> Teacher:
                                                  **kwargs)
         else:
             model, variables = convert.from_big_vision(teacher_config.weights, **kwargs)
-        variables = _place_like_student(model, dict(variables), mesh, sharding_config,
-                                        _native_size(model))
+        variables = _place_like_student(model, dict(variables), mesh, sharding_config)
     else:
         raise ValueError(f"config.distill.teacher.source={source!r} is unknown; accepted: "
                          f"{TEACHER_SOURCES}")
@@ -196,15 +111,6 @@ def load_teacher(teacher_config, mesh, sharding_config=None) -> Teacher:
     resolution = teacher_config.get("resolution", None)
     return Teacher(model, variables, None if patch_size is None else int(patch_size),
                    None if resolution is None else int(resolution))
-
-
-def _stored_for(resize_matrix: np.ndarray, target: jax.Array) -> jax.Array:
-    """The least-squares (minimum-norm when exact) ``stored`` with
-    ``resize_matrix @ stored == target`` along the leading axis."""
-    solve = np.linalg.pinv(resize_matrix).astype(np.float32)
-    flat = target.reshape(target.shape[0], -1)
-    return jnp.matmul(jnp.asarray(solve), flat, precision=jax.lax.Precision.HIGHEST
-                      ).reshape(solve.shape[0], *target.shape[1:])
 
 
 def _has_prefix_posemb(model) -> bool:
@@ -237,7 +143,7 @@ def _student_posemb(posemb: jax.Array, teacher_model, student, token_grid) -> ja
     grid = flex.resample_posemb(grid, (side, side), token_grid, 0, student.resize)
     student_grid = flex.to_pair(student.posemb_grid)
     matrix = flex.posemb_resize_matrix(student_grid, token_grid, student.resize)
-    stored = jnp.moveaxis(_stored_for(matrix, jnp.moveaxis(grid, 1, 0)), 0, 1)
+    stored = jnp.moveaxis(flex.least_squares_source(matrix, jnp.moveaxis(grid, 1, 0)), 0, 1)
     if student_prefix and student_prefix != teacher_prefix:
         return posemb[:, :0]  # shapes cannot match: the student keeps its own init
     return jnp.concatenate([posemb[:, :student_prefix], stored], axis=1)
@@ -273,7 +179,7 @@ def init_student_from_teacher(student: nn.Module, student_params: Any, teacher: 
             return value
         if key.endswith("['patch_embed']['kernel']") and source.shape[:2] != value.shape[:2]:
             matrix = flex.pi_resize_matrix(student_base, tuple(source.shape[:2]), student.resize)
-            source = _stored_for(matrix, source.reshape(-1, *source.shape[2:])
+            source = flex.least_squares_source(matrix, source.reshape(-1, *source.shape[2:])
                                  ).reshape(value.shape)
         elif key.endswith("['pos_embed']"):
             source = _student_posemb(source, teacher.model, student, token_grid)
@@ -318,32 +224,38 @@ class DistillEvaluator(Evaluator):
                                                 out_shardings=sharding.replicated(self.mesh))
         return self._compare[patch_size]
 
-    def evaluate_split(self, variables, split: str) -> dict:
-        table = super().evaluate_split(variables, split)
-        patch_sizes = [p for p in self.patch_sizes if table["accuracy"][str(p) if p else
-                                                                        "default"] is not None]
-        sums = {p: [] for p in patch_sizes}
-        teacher_correct, count = [], []
-        for batch in pipeline.eval_batches(self.input_config, self.eval_config.pp, split,
-                                           self.eval_config.batch_size):
-            batch = to_global(batch, self.mesh)
-            teacher_logits = self._teacher_logits(self.teacher.variables, batch["image"])
-            mask = batch["_mask"]
-            teacher_correct.append(jnp.sum(
-                (jnp.argmax(teacher_logits, -1) == jnp.argmax(batch["labels"], -1)) * mask))
-            count.append(jnp.sum(mask))
-            for p in patch_sizes:
-                sums[p].append(self._compare_step(p)(variables, batch["image"], teacher_logits,
-                                                     mask))
-        total = max(float(sum(jax.device_get(count))), 1.0)
-        table["teacher_accuracy"] = float(sum(jax.device_get(teacher_correct))) / total
+    def empty_sums(self) -> dict:
+        sums = super().empty_sums()
+        # the student patch sizes of the headline table (those that tile the first resolution)
+        students = [p for p in self.patch_sizes if (p, self.resolutions[0]) in sums]
+        sums.update(teacher_correct=[], count=[], compare={p: [] for p in students})
+        return sums
+
+    def accumulate(self, sums: dict, variables, batch: dict) -> None:
+        """The student's eval steps and, on the same batch, the teacher comparison."""
+        super().accumulate(sums, variables, batch)
+        teacher_logits = self._teacher_logits(self.teacher.variables, batch["image"])
+        mask = batch["_mask"]
+        sums["teacher_correct"].append(jnp.sum(
+            (jnp.argmax(teacher_logits, -1) == jnp.argmax(batch["labels"], -1)) * mask))
+        sums["count"].append(jnp.sum(mask))
+        for p, compared in sums["compare"].items():
+            compared.append(self._compare_step(p)(variables, batch["image"], teacher_logits,
+                                                  mask))
+
+    def table(self, sums: dict) -> dict:
+        table = super().table(sums)
+        total = max(float(sum(jax.device_get(sums["count"]))), 1.0)
+        table["teacher_accuracy"] = float(sum(jax.device_get(sums["teacher_correct"]))) / total
         table["agreement"], table["kl"] = {}, {}
         for p in self.patch_sizes:
             key = str(p) if p else "default"
-            values = jax.device_get(sums.get(p, []))
+            compared = sums["compare"].get(p)
+            values = jax.device_get(compared) if compared is not None else None
             table["agreement"][key] = (sum(float(v["agree"]) for v in values) / total
-                                       if p in sums else None)
-            table["kl"][key] = sum(float(v["kl"]) for v in values) / total if p in sums else None
+                                       if values is not None else None)
+            table["kl"][key] = (sum(float(v["kl"]) for v in values) / total
+                                if values is not None else None)
         return table
 
 
@@ -360,45 +272,31 @@ def format_comparison(table: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def train_and_distill(config, workdir: str, *, allow_config_change: bool = False) -> dict:
-    """``trainer.train_and_evaluate`` in distillation mode (``config.distill``)."""
-    from flexvision.train import trainer
-
+def distillation(config, student: nn.Module, mesh) -> Objective:
+    """The distillation objective of ``config.distill`` (see the module docstring) for
+    ``student`` on ``mesh``: the teacher is loaded and placed once, here."""
     distill = config.distill
-    mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
     teacher = load_teacher(distill.teacher, mesh, config.get("sharding"))
-    student = trainer.build_model(config)
-    label_loss = trainer.make_loss(config)
+    label_loss = make_loss(config)
     loss_fn = make_distill_loss(float(distill.get("temperature", 1.0)),
                                 float(distill.get("label_weight", 0.0) or 0.0), label_loss)
     params_init_fn = None
     if distill.get("init_from_teacher", False):
-        image_size = int(distill.teacher.get("resolution", None) or
-                         config.get("distill_image_size", 0) or _crop_size(config))
-
-        def params_init_fn(student_params):
+        def params_init_fn(student_params, image_shape):
+            image_size = int(distill.teacher.get("resolution", None) or
+                             config.get("distill_image_size", 0) or image_shape[0])
             return init_student_from_teacher(student, student_params, teacher,
                                              teacher.variables["params"], image_size)
 
-    evaluator = DistillEvaluator(student, label_loss, config, mesh, teacher)
-    final = trainer.train_and_evaluate(config, workdir, loss_fn=loss_fn,
-                                       targets_fn=make_teacher_targets(teacher),
-                                       frozen=teacher.variables,
-                                       params_init_fn=params_init_fn, evaluator=evaluator,
-                                       allow_config_change=allow_config_change)
-    if jax.process_index() == 0:
+    def report(final):
         print(format_comparison(final, f"Distillation vs teacher ({final['split']}):"),
               flush=True)
-    return final
+
+    return Objective("distillation", loss_fn,
+                     DistillEvaluator(student, label_loss, config, mesh, teacher),
+                     targets_fn=make_teacher_targets(teacher), frozen=teacher.variables,
+                     params_init_fn=params_init_fn, report=report)
 
 
-def _crop_size(config) -> int:
-    """The training crop's side, read from one preprocessed training example."""
-    example = next(iter(pipeline.train_dataset(config.input, int(config.seed), 0)
-                        .as_numpy_iterator()))
-    return int(example["image"].shape[1])
-
-
-__all__ = ["distillation_kl", "make_distill_loss", "make_teacher_targets", "Teacher",
-           "load_teacher", "init_student_from_teacher", "DistillEvaluator", "train_and_distill",
-           "resize_square", "format_comparison"]
+__all__ = ["make_teacher_targets", "Teacher", "load_teacher", "init_student_from_teacher",
+           "DistillEvaluator", "distillation", "format_comparison"]

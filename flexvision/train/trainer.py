@@ -21,20 +21,23 @@ import signal
 import threading
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import flexvision
 from flexvision.data import pipeline
-from flexvision.engine import integrity
+from flexvision.engine import optim, patch_schedule, sharding
 from flexvision.engine import workdir as workdir_lib
-from flexvision.train import flexi, losses, optim, sharding, validate
-from flexvision.train.checkpoint import Checkpointer
-from flexvision.train.evaluator import Evaluator, flat_metrics, format_table, write_final
-from flexvision.train.input import to_global
+from flexvision.engine.cache import enable_compilation_cache
+from flexvision.engine.checkpoint import Checkpointer
+from flexvision.engine.evaluation import flat_metrics, format_table, write_final
+from flexvision.engine.state import (abstract_train_state, build_model, create_train_state,
+                                     eval_variables)
+from flexvision.engine.step import accepts_patch_size, make_train_step
+from flexvision.train import distill, objective, validate
 from flexvision.train.metrics import MetricWriter, Progress
-from flexvision.train.step import accepts_patch_size, make_train_step
+from flexvision.train.objective import Objective
+
+ObjectiveFn = Callable[[Any, Any, Any], Objective]
 
 
 class Preempted(Exception):
@@ -46,75 +49,12 @@ class Preempted(Exception):
         self.step = step
 
 
-def enable_compilation_cache(config) -> str:
-    """Turns on JAX's persistent compilation cache so restarts reuse compiled steps."""
-    cache_dir = config.get("compilation_cache_dir") or os.path.join(
-        os.path.expanduser("~"), ".cache", "flexvision", "jax_compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return cache_dir
-
-
-def strip_boxes(tree: Any) -> Any:
-    """Replaces flax ``nn.Partitioned`` (logical axis) boxes by their values."""
-    return jax.tree_util.tree_map(
-        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-
-
-def build_model(config) -> nn.Module:
-    """``flexvision.create_model(config.model.name, **config.model.kwargs)``."""
-    kwargs = dict(config.model.get("kwargs", {}) or {})
-    return flexvision.create_model(config.model.name, **kwargs)
-
-
-def make_init_fn(model: nn.Module, tx, image_shape: tuple[int, ...], seed: int) -> Callable:
-    """``() -> boxed train state``: params (with logical axes), optimizer state, step."""
-    def init():
-        rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
-        variables = model.init(rngs, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        variables = dict(variables)
-        state = {"step": jnp.zeros((), jnp.int32), "params": variables.pop("params")}
-        state["opt_state"] = tx.init(state["params"])
-        if "batch_stats" in variables:
-            state["batch_stats"] = variables.pop("batch_stats")
-        return state
-    return init
-
-
-def create_train_state(model, tx, image_shape, config, mesh) -> tuple[Any, Any]:
-    """(state, shardings): the train state initialised directly into its shardings."""
-    init = make_init_fn(model, tx, tuple(image_shape), int(config.seed))
-    abstract = jax.eval_shape(init)
-    shardings = strip_boxes(sharding.tree_shardings(abstract, mesh, config.get("sharding")))
-    state = jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)()
-    return state, shardings
-
-
-def abstract_train_state(model, tx, image_shape, config, mesh) -> tuple[Any, Any]:
-    """(ShapeDtypeStructs with shardings, shardings) of the train state, nothing allocated."""
-    init = make_init_fn(model, tx, tuple(image_shape), int(config.seed))
-    abstract = jax.eval_shape(init)
-    shardings = strip_boxes(sharding.tree_shardings(abstract, mesh, config.get("sharding")))
-    structs = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        strip_boxes(abstract), shardings)
-    return structs, shardings
-
-
-def make_loss(config):
-    """The per-example loss from ``config.loss`` and ``config.label_smoothing``."""
-    return losses.get_loss(config.get("loss", "softmax_xent"),
-                           float(config.get("label_smoothing", 0.0)))
-
-
-def eval_variables(state: dict) -> dict:
-    """The model variables (params and, if any, batch_stats) of a train state."""
-    variables = {"params": state["params"]}
-    if "batch_stats" in state:
-        variables["batch_stats"] = state["batch_stats"]
-    return variables
+def objective_for(config, model, mesh) -> Objective:
+    """The objective the config asks for: distillation when it has a ``config.distill`` block,
+    else classification."""
+    if config.get("distill") is not None:
+        return distill.distillation(config, model, mesh)
+    return objective.classification(config, model, mesh)
 
 
 class _SigtermFlag:
@@ -149,48 +89,47 @@ def _non_finite_error(step_range: tuple[int, int], last_good: int | None, direct
         f"--config.optax.grad_clip_norm=1.0), then rerun to resume from it.")
 
 
-def train_and_evaluate(config, workdir: str, *, loss_fn=None, targets_fn=None, frozen=None,
-                       params_init_fn=None, evaluator=None, allow_config_change=False) -> dict:
+def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None = None,
+                       allow_config_change: bool = False) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
     saving on SIGTERM and FloatingPointError on a non-finite loss.
 
-    ``loss_fn`` (per-example, default from ``config.loss``), ``targets_fn`` and ``frozen`` (its
-    first argument, passed to every jitted step; see ``step.make_train_step``) let a
-    distillation mode swap the objective and add a teacher;
-    ``params_init_fn(params) -> params`` rewrites freshly initialised params (not on resume);
-    ``evaluator`` replaces the default :class:`Evaluator`. A ``config.distill`` block selects
-    the distillation mode (flexvision/train/distill.py), which sets these hooks.
+    ``objective_fn(config, model, mesh) -> Objective`` chooses the task (default
+    :func:`objective_for`: distillation for a ``config.distill`` block, else classification).
+    A config with ``config.distill`` trained with an objective that is not a distillation one
+    is a ValueError, never a run that silently skips the teacher.
 
     Before training: every config value is checked (ConfigError naming the key), the workdir is
     locked against a second run (WorkdirInUseError), unfinished orbax folders of a crashed run
     are removed and the checkpoint folder must be writable (CheckpointWriteError). Resuming
-    restores the newest checkpoint that verifies (integrity.py), refuses another model/optimizer
-    (IncompatibleCheckpointError) and run-defining config changes unless
+    restores the newest checkpoint that verifies (engine/integrity.py), refuses another
+    model/optimizer (IncompatibleCheckpointError) and run-defining config changes unless
     ``allow_config_change`` (ConfigChangeError); configs are kept in config_history.jsonl."""
     workdir = workdir_lib.check_workdir_arg(workdir)
     validate.validate_config(config)
-    if config.get("distill") is not None and loss_fn is None and targets_fn is None:
-        from flexvision.train import distill
-        return distill.train_and_distill(config, workdir, allow_config_change=allow_config_change)
     os.makedirs(workdir, exist_ok=True)
-    enable_compilation_cache(config)
+    enable_compilation_cache(config.get("compilation_cache_dir"))
     with workdir_lib.WorkdirLock(workdir):
         workdir_lib.clean_stale_tmp(os.path.join(workdir, "checkpoints"))
         workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
         mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
         with sharding.activation_rules(mesh, config.get("sharding")):
-            return _train_on_mesh(config, workdir, mesh, loss_fn, targets_fn, frozen,
-                                  params_init_fn, evaluator, allow_config_change)
+            model = build_model(config)
+            task = (objective_fn or objective_for)(config, model, mesh)
+            if config.get("distill") is not None and task.name != "distillation":
+                raise ValueError(f"config.distill is set but the objective is {task.name!r}: "
+                                 f"the teacher would be ignored. Remove config.distill, or "
+                                 f"build the objective with "
+                                 f"flexvision.train.distill.distillation")
+            return _train_on_mesh(config, workdir, mesh, model, task, allow_config_change)
 
 
-def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
-                   params_init_fn=None, evaluator=None, allow_config_change=False) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
+                   allow_config_change: bool = False) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
-    model = build_model(config)
     tx, schedule = optim.make_optimizer(config)
-    loss_fn = loss_fn or make_loss(config)
     flexible = accepts_patch_size(model) and config.get("flexi") is not None and bool(
         config.flexi.get("patch_sizes"))
 
@@ -218,8 +157,8 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
     else:
         workdir_lib.check_and_record_config(config, workdir, None)
         state, shardings = create_train_state(model, tx, image_shape, config, mesh)
-        if params_init_fn is not None:
-            params = params_init_fn(state["params"])
+        if task.params_init_fn is not None:
+            params = task.params_init_fn(state["params"], tuple(image_shape))
             state = jax.jit(lambda s, p: dict(s, params=p, opt_state=tx.init(p)),
                             out_shardings=shardings, donate_argnums=0)(state, params)
 
@@ -227,14 +166,14 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
 
     def train_step_for(patch_size):
         if patch_size not in step_fns:
-            fn = make_train_step(model, tx, loss_fn, seed=seed, patch_size=patch_size,
+            fn = make_train_step(model, tx, task.loss_fn, seed=seed, patch_size=patch_size,
                                  mixup_alpha=float(config.get("mixup_alpha", 0.0) or 0.0),
-                                 targets_fn=targets_fn)
+                                 targets_fn=task.targets_fn)
             step_fns[patch_size] = jax.jit(
                 fn, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
         return step_fns[patch_size]
 
-    evaluator = evaluator or Evaluator(model, loss_fn, config, mesh)
+    evaluator, frozen = task.evaluator, task.frozen
     writer = MetricWriter(workdir)
     progress = Progress(start_step, total_steps, int(config.input.batch_size))
     log_every = int(config.get("log_every", 50))
@@ -263,8 +202,10 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
     with _SigtermFlag() as sigterm:
         while step < total_steps:
             batch = first_batch if step == start_step else next(batches)
-            patch_size = flexi.patch_size_for_step(config.flexi, seed, step) if flexible else None
-            state, metrics = train_step_for(patch_size)(state, to_global(batch, mesh), frozen)
+            patch_size = (patch_schedule.patch_size_for_step(config.flexi, seed, step)
+                          if flexible else None)
+            state, metrics = train_step_for(patch_size)(state, sharding.global_batch(batch, mesh),
+                                                        frozen)
             finite = finite & metrics["finite"]
             step += 1
             checkpointer.check()  # a failed background save stops the run here, not later
@@ -307,6 +248,8 @@ def _train_on_mesh(config, workdir: str, mesh, loss_fn, targets_fn, frozen=None,
         print(format_table(results[final["split"]],
                            f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
               flush=True)
+        if task.report is not None:
+            task.report(final)
     return final
 
 
@@ -316,5 +259,4 @@ def load_final_eval(workdir: str) -> dict:
         return json.load(f)
 
 
-__all__ = ["train_and_evaluate", "Preempted", "create_train_state", "abstract_train_state",
-           "build_model", "make_loss", "eval_variables", "load_final_eval"]
+__all__ = ["train_and_evaluate", "objective_for", "Preempted", "load_final_eval"]

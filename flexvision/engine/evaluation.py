@@ -24,9 +24,8 @@ import jax
 import numpy as np
 
 from flexvision.data import pipeline
-from flexvision.train import sharding
-from flexvision.train.input import to_global
-from flexvision.train.step import make_eval_step
+from flexvision.engine import sharding
+from flexvision.engine.step import make_eval_step
 
 NATIVE = "native"
 DEFAULT = "default"
@@ -64,14 +63,25 @@ class Evaluator:
         return self._steps[key]
 
     def evaluate_split(self, variables, split: str) -> dict:
-        """The accuracy/loss table of one split."""
-        sums: dict[tuple, list] = {(p, r): [] for r in self.resolutions for p in self.patch_sizes
-                                   if tiles(p, r)}
+        """The table of one split, reading its batches once: :meth:`accumulate` collects each
+        batch's sums, :meth:`table` turns them into the table (subclasses extend both)."""
+        sums = self.empty_sums()
         for batch in pipeline.eval_batches(self.input_config, self.eval_config.pp, split,
                                            self.eval_config.batch_size):
-            batch = to_global(batch, self.mesh)
-            for key in sums:
-                sums[key].append(self._step(*key)(variables, batch))
+            self.accumulate(sums, variables, sharding.global_batch(batch, self.mesh))
+        return self.table(sums)
+
+    def empty_sums(self) -> dict:
+        """Per-batch sums of every evaluated (patch size, resolution), still on the devices."""
+        return {(p, r): [] for r in self.resolutions for p in self.patch_sizes if tiles(p, r)}
+
+    def accumulate(self, sums: dict, variables, batch: dict) -> None:
+        """Runs the eval steps on one global batch and appends their sums."""
+        for key in [k for k in sums if isinstance(k, tuple)]:
+            sums[key].append(self._step(*key)(variables, batch))
+
+    def table(self, sums: dict) -> dict:
+        """The accuracy/loss table from the sums of every batch of a split."""
         table: dict[str, Any] = {"by_resolution": {}}
         for resolution in self.resolutions:
             accuracy, loss = {}, {}

@@ -13,9 +13,7 @@ process count and this process's id come from, first found wins:
    with more than one task, Open MPI (``mpirun``), Kubernetes/GKE JobSets;
 5. otherwise a single process: nothing to do.
 
-Checkpoints: :func:`save_checkpoint` / :func:`restore_checkpoint` go through orbax, which writes
-each array shard from the process that holds it, and restores into the shardings of the *current*
-mesh (``sharding.sharded_abstract``), so a run written on one mesh resumes on another.
+Checkpoints of multi-host runs go through :mod:`flexvision.engine.checkpoint` like any other.
 """
 
 from __future__ import annotations
@@ -190,52 +188,3 @@ def gather_to_host(tree: Any) -> Any:
         return jax.tree_util.tree_map(np.asarray, tree)
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Sharded checkpoints
-# --------------------------------------------------------------------------------------------
-
-def _manager(directory: str, max_to_keep: int | None = None):
-    import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def save_checkpoint(directory: str, step: int, tree: Any, *, max_to_keep: int | None = None
-                    ) -> None:
-    """Writes ``tree`` (sharded ``jax.Array``s) as checkpoint ``step``; every process must call it.
-
-    Each process writes the shards it holds; the checkpoint appears atomically once all are done.
-    """
-    import orbax.checkpoint as ocp
-    with _manager(directory, max_to_keep) as manager:
-        manager.save(int(step), args=ocp.args.StandardSave(tree))
-        manager.wait_until_finished()
-
-
-def latest_step(directory: str) -> int | None:
-    """The newest complete checkpoint step in ``directory``, or None."""
-    if not os.path.isdir(directory):
-        return None
-    with _manager(directory) as manager:
-        return manager.latest_step()
-
-
-def restore_checkpoint(directory: str, abstract_tree: Any, shardings: Any,
-                       step: int | None = None) -> Any:
-    """Reads checkpoint ``step`` (default: the latest) laid out with ``shardings``.
-
-    ``abstract_tree`` is the (possibly boxed) ``jax.eval_shape`` of the state and ``shardings``
-    its :func:`flexvision.train.sharding.tree_shardings` on the current mesh: arrays are read
-    straight into their shards there, whatever mesh wrote them.
-    """
-    import orbax.checkpoint as ocp
-
-    from flexvision.train.sharding import sharded_abstract
-    with _manager(directory) as manager:
-        step = manager.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        target = sharded_abstract(abstract_tree, shardings)
-        return manager.restore(step, args=ocp.args.StandardRestore(target))

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flexvision.data.mixup import mixup
+from flexvision.engine.mixup import mixup
+from flexvision.layers.flex import resize_images
 
 State = dict[str, Any]
 
@@ -55,7 +56,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     Metrics: loss (mean over the batch), grad_norm, param_norm (after the update), finite
     (loss, gradients and updated parameters all finite: the NaN guard reads it).
-    ``loss_fn(logits, labels) -> [B]`` is the per-example loss (see ``train.losses``).
+    ``loss_fn(logits, labels) -> [B]`` is the per-example loss (see ``engine.losses``).
     ``targets_fn(frozen, images, labels) -> targets`` (optional) replaces the labels the loss
     sees, after mixup: the hook for distillation, where a frozen teacher turns the same images
     into soft targets. ``frozen`` (the teacher's variables) is an argument of the step, outside
@@ -107,15 +108,13 @@ def make_eval_step(model: nn.Module, loss_fn: Callable[[jax.Array, jax.Array], j
                    ) -> Callable[[dict, dict], dict]:
     """(variables, batch) -> sums of correct top-1, loss and count over unpadded examples.
 
-    ``resolution``: resize the batch's images to resolution x resolution (bilinear) first.
+    ``resolution``: resize the batch's images to resolution x resolution first
+    (``flex.resize_images``).
     """
     kwargs = model_kwargs(model, patch_size)
 
     def eval_step(variables: dict, batch: dict) -> dict:
-        images = batch["image"]
-        if resolution is not None and images.shape[1:3] != (resolution, resolution):
-            shape = (images.shape[0], resolution, resolution, images.shape[3])
-            images = jax.image.resize(images, shape, method="bilinear")
+        images = resize_images(batch["image"], resolution)
         logits = model.apply(variables, images, train=False, **kwargs)
         mask = batch["_mask"]
         correct = jnp.argmax(logits, -1) == jnp.argmax(batch["labels"], -1)

@@ -62,12 +62,12 @@ class Checkpointer:
         if self._pending and not self._manager.is_saving_in_progress():
             self.wait()
 
-    def restore_newest_good(self, abstract_state: Any, quarantine_to: str | None = None
-                            ) -> tuple[int, Any, dict]:
-        """(step, state, meta) of the newest checkpoint that verifies and fits
-        ``abstract_state``, skipping corrupt ones with a warning (integrity.restore_newest_good);
-        with ``quarantine_to`` (the workdir) they are moved to its corrupt_checkpoints/ so that
-        training can write those steps again."""
+    def restore_newest_good(self, abstract_state: Any, quarantine_to: str | None = None,
+                            steps: list[int] | None = None) -> tuple[int, Any, dict]:
+        """(step, state, meta) of the newest checkpoint (of ``steps``, default all) that
+        verifies and fits ``abstract_state``, skipping corrupt ones with a warning
+        (integrity.restore_newest_good); with ``quarantine_to`` (the workdir) they are moved to
+        its corrupt_checkpoints/ so that training can write those steps again."""
         def on_bad(step, reason):
             del reason
             if quarantine_to is not None and jax.process_index() == 0:
@@ -76,7 +76,8 @@ class Checkpointer:
 
         try:
             step, (state, meta) = integrity.restore_newest_good(
-                self.all_steps(), self.step_dir, lambda s: self.restore(s, abstract_state),
+                self.all_steps() if steps is None else steps, self.step_dir,
+                lambda s: self.restore(s, abstract_state),
                 abstract_state, directory=self.directory, on_bad=on_bad)
         finally:
             if quarantine_to is not None:

@@ -135,19 +135,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch is split (the product of the mesh's batch-axis sizes)."""
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
-
-
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
-    """This process's slice of the batch (a tree of NumPy arrays) as global ``jax.Array``s.
+    """This process's slice of the batch (a tree of NumPy arrays) as global ``jax.Array``s whose
+    leading axis is split over the mesh's batch axes (``jax.make_array_from_process_local_data``).
 
     Every process passes the rows that belong to its own devices (process ``i`` of ``n`` holds
     rows ``[i * B/n, (i+1) * B/n)`` of the global batch ``B`` when the batch axes span hosts).
     """
     return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x),
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)),
+                                                         np.asarray(x)),
         local_batch)
 
 
@@ -426,10 +423,10 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, config: Any = None, *,
     return jax.tree_util.tree_map_with_path(sharding_for, abstract_tree, is_leaf=_is_box)
 
 
-def unboxed(tree: Any) -> Any:
-    """``tree`` with every ``nn.Partitioned`` box replaced by its content (no constraints applied)."""
-    return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x,
-                                  tree, is_leaf=_is_box)
+def unbox(tree: Any) -> Any:
+    """``tree`` with every flax ``AxisMetadata`` box (``nn.Partitioned``) replaced by its value;
+    no sharding constraint is applied. Works on arrays, ShapeDtypeStructs and shardings alike."""
+    return jax.tree_util.tree_map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
 def sharded_abstract(abstract_tree: Any, shardings: Any) -> Any:
@@ -440,14 +437,14 @@ def sharded_abstract(abstract_tree: Any, shardings: Any) -> Any:
     """
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-        unboxed(abstract_tree), unboxed(shardings))
+        unbox(abstract_tree), unbox(shardings))
 
 
 def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
     """Bytes the largest device holds of ``abstract_tree`` when laid out with ``shardings``."""
     totals: dict[Any, int] = {}
-    for leaf, sharding in zip(jax.tree_util.tree_leaves(unboxed(abstract_tree)),
-                              jax.tree_util.tree_leaves(unboxed(shardings))):
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(unbox(abstract_tree)),
+                              jax.tree_util.tree_leaves(unbox(shardings))):
         shard_bytes = int(np.prod(sharding.shard_shape(np.shape(leaf)))) * np.dtype(leaf.dtype).itemsize
         for device in sharding.device_set:
             totals[device] = totals.get(device, 0) + shard_bytes
@@ -457,7 +454,7 @@ def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
 def live_bytes_per_device(tree: Any) -> dict[Any, int]:
     """Bytes each addressable device actually holds of the ``jax.Array``s in ``tree``."""
     totals: dict[Any, int] = {}
-    for leaf in jax.tree_util.tree_leaves(unboxed(tree)):
+    for leaf in jax.tree_util.tree_leaves(unbox(tree)):
         for shard in leaf.addressable_shards:
             totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return totals

@@ -1,0 +1,49 @@
+"""What a training run optimises and how it is evaluated: the only thing a task changes.
+
+The loop (:func:`flexvision.train.trainer.train_and_evaluate`) is the same for every task; an
+:class:`Objective` brings the per-example loss, the optional frozen model whose outputs become
+the targets (distillation's teacher), how freshly initialised parameters are rewritten, the
+evaluator, and what is printed after the final eval. :func:`classification` is the plain
+objective; :func:`flexvision.train.distill.distillation` the distillation one. The entry point
+picks one from the config (:func:`flexvision.train.trainer.objective_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from flexvision.engine import losses
+from flexvision.engine.evaluation import Evaluator
+
+
+@dataclasses.dataclass
+class Objective:
+    """A task's part of a training run.
+
+    name            'classification', 'distillation', ...: checked against the config (a
+                    ``config.distill`` block needs a distillation objective).
+    loss_fn         per-example training loss ``(logits [B, K], targets) -> [B]``.
+    evaluator       runs the periodic and final evals: ``.run(variables) -> {split: table}``.
+    targets_fn      ``(frozen, images, labels) -> targets`` replacing the labels the loss sees
+                    (``engine.step.make_train_step``); None: the labels.
+    frozen          the first argument of ``targets_fn``, passed to every jitted step.
+    params_init_fn  ``(params, image_shape) -> params`` applied to freshly initialised params
+                    (not on resume); ``image_shape`` is one training example's (H, W, C).
+    report          ``(final table) -> None``, called on process 0 after the final eval.
+    """
+
+    name: str
+    loss_fn: Callable
+    evaluator: Any
+    targets_fn: Callable | None = None
+    frozen: Any = None
+    params_init_fn: Callable[[Any, tuple[int, ...]], Any] | None = None
+    report: Callable[[dict], None] | None = None
+
+
+def classification(config, model, mesh) -> Objective:
+    """Supervised classification: ``config.loss`` with ``config.label_smoothing``, the
+    :class:`~flexvision.engine.evaluation.Evaluator` of ``config.eval``."""
+    loss_fn = losses.make_loss(config)
+    return Objective("classification", loss_fn, Evaluator(model, loss_fn, config, mesh))
