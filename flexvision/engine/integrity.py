@@ -120,7 +120,7 @@ def _path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
-def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+def leaf_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {_path_str(path): (tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", "")))
             for path, leaf in leaves}
@@ -134,19 +134,20 @@ def saved_state_leaves(step_dir: str | os.PathLike, item: str = "state"
 
     metadata = ocp.StandardCheckpointer().metadata(epath.Path(step_dir) / item)
     tree = getattr(metadata, "item_metadata", metadata)
-    return _leaves(getattr(tree, "tree", tree))
+    return leaf_table(getattr(tree, "tree", tree))
 
 
 def state_mismatches(saved: dict, abstract: Any, limit: int = 3) -> list[str]:
     """How the saved leaves (:func:`saved_state_leaves`) differ from the abstract train state
     (ShapeDtypeStructs): "params/x/kernel: shape (16, 32) vs (24, 32)" (checkpoint vs this
     config), "params/y: only in this config", "opt_state/1/mu/z: only in the checkpoint".
-    At most ``limit`` of each kind, then a count."""
-    wanted = _leaves(abstract)
-    shapes = [f"{k}: shape {saved[k][0]} vs {wanted[k][0]}" for k in sorted(saved)
+    At most ``limit`` of each kind (params first), then a count."""
+    wanted = leaf_table(abstract)
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))  # noqa: E731
+    shapes = [f"{k}: shape {saved[k][0]} vs {wanted[k][0]}" for k in order(saved)
               if k in wanted and saved[k][0] != wanted[k][0]]
-    missing = [f"{k}: only in this config" for k in sorted(set(wanted) - set(saved))]
-    extra = [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(wanted))]
+    missing = [f"{k}: only in this config" for k in order(set(wanted) - set(saved))]
+    extra = [f"{k}: only in the checkpoint" for k in order(set(saved) - set(wanted))]
     out = []
     for kind in (shapes, missing, extra):
         out += kind[:limit] + ([f"... {len(kind) - limit} more like it"] if len(kind) > limit

@@ -155,8 +155,11 @@ def clean_stale_tmp(checkpoints_dir: str) -> list[str]:
     for name in sorted(os.listdir(checkpoints_dir)):
         path = os.path.join(checkpoints_dir, name)
         if fnmatch.fnmatch(name, TMP_PATTERN) and os.path.isdir(path):
-            shutil.rmtree(path)
-            removed.append(path)
+            try:
+                shutil.rmtree(path)
+                removed.append(path)
+            except OSError as err:  # harmless: orbax never reads them
+                logging.warning("could not remove unfinished checkpoint folder %s: %s", path, err)
     if removed:
         logging.warning("removed %d unfinished checkpoint folder(s) left by an earlier run: %s",
                         len(removed), ", ".join(removed))

@@ -111,8 +111,8 @@ def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config.get("compilation_cache_dir"))
     with workdir_lib.WorkdirLock(workdir):
-        workdir_lib.clean_stale_tmp(os.path.join(workdir, "checkpoints"))
         workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
+        workdir_lib.clean_stale_tmp(os.path.join(workdir, "checkpoints"))
         mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
         with sharding.activation_rules(mesh, config.get("sharding")):
             model = build_model(config)

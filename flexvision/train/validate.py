@@ -136,8 +136,8 @@ def validate_config(config, device_count: int | None = None) -> None:
         c.bad("lr", "must be a finite number >= 0")
     c.int_at_least("total_steps", 0)
     if not c.problems:  # these build on lr and total_steps
-        c.call("schedule", optim.make_schedule, config)
-        c.call("optax", optim.make_optimizer, config)
+        if c.call("schedule", optim.make_schedule, config) is not None:
+            c.call("optax", optim.make_optimizer, config)
     c.int_at_least("log_every", 1, default=50)
     c.int_at_least("checkpoint_every", 0, " (0: only the final checkpoint)", default=500)
     c.int_at_least("keep_checkpoints", 0, " (0 keeps every checkpoint)", default=3)
