@@ -100,11 +100,15 @@ def verify(step_dir: str | os.PathLike) -> list[str] | None:
         if not file.exists():
             problems.append(f"{name}: missing")
             continue
-        size = file.stat().length
-        if size != entry["size"]:
-            problems.append(f"{name}: truncated or extended ({size} of {entry['size']} bytes)")
-        elif _digest(file) != entry["sha256"]:
-            problems.append(f"{name}: contents changed (checksum mismatch)")
+        try:
+            size = file.stat().length
+            if size != entry["size"]:
+                problems.append(f"{name}: truncated or extended ({size} of {entry['size']} "
+                                f"bytes)")
+            elif _digest(file) != entry["sha256"]:
+                problems.append(f"{name}: contents changed (checksum mismatch)")
+        except OSError as err:
+            problems.append(f"{name}: unreadable ({err})")
     return problems
 
 

@@ -236,6 +236,13 @@ def read_history(workdir: str) -> list[dict]:
     return []
 
 
+def _replace(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def check_and_record_config(config: Any, workdir: str, resume_step: int | None, *,
                             allow_change: bool = False) -> list[tuple[str, Any, Any]]:
     """Compares ``config`` with the workdir's latest recorded config and records it.
@@ -272,13 +279,9 @@ def check_and_record_config(config: Any, workdir: str, resume_step: int | None, 
         entry = {"start_step": int(resume_step or 0),
                  "time": datetime.datetime.now().isoformat(timespec="seconds"),
                  "changed": [k for k, _, _ in changes], "config": current}
-        path = os.path.join(workdir, HISTORY_FILE)
-        lines = [] if os.path.exists(path) else [json.dumps(h) for h in history]
-        with open(path, "a", encoding="utf-8") as f:
-            for line in lines + [json.dumps(entry)]:
-                f.write(line + "\n")
-        tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+        # whole-file replacements: other processes of the run may be reading them right now
+        _replace(os.path.join(workdir, HISTORY_FILE),
+                 "".join(json.dumps(h) + "\n" for h in history + [entry]))
+        _replace(os.path.join(workdir, CONFIG_FILE), json.dumps(current, indent=2,
+                                                                sort_keys=True))
     return changes

@@ -107,7 +107,7 @@ def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None
     model/optimizer (IncompatibleCheckpointError) and run-defining config changes unless
     ``allow_config_change`` (ConfigChangeError); configs are kept in config_history.jsonl."""
     workdir = workdir_lib.check_workdir_arg(workdir)
-    validate.validate_config(config)
+    validate.validate_config(config, build_model=build_model)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config.get("compilation_cache_dir"))
     with workdir_lib.WorkdirLock(workdir):

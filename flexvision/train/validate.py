@@ -93,19 +93,21 @@ def _normalise_probs(config) -> None:
             flexi.probs = tuple(value)
 
 
-def validate_config(config, device_count: int | None = None) -> None:
+def validate_config(config, device_count: int | None = None, build_model=None) -> None:
     """Checks every config value the trainer reads (configs/flexivit_digits.py lists them);
     raises ConfigError naming each bad key, what it holds and what is accepted.
 
-    ``device_count``: devices the batches are split over (default ``jax.device_count()``).
+    ``device_count``: devices the batches are split over (default ``jax.device_count()``);
+    ``build_model(config)``: how the caller builds the model (default
+    ``flexvision.engine.state.build_model``), tried to check ``model.name``/``model.kwargs``.
     Strings given on the command line for sequence-valued keys (``flexi.probs``) are parsed.
     """
     import jax
 
-    import flexvision
     from flexvision.data import ops
     from flexvision.engine import losses, optim
     from flexvision.engine import patch_schedule as flexi
+    from flexvision.engine.state import build_model as default_build_model
 
     devices = int(device_count or jax.device_count())
     _normalise_probs(config)
@@ -114,9 +116,8 @@ def validate_config(config, device_count: int | None = None) -> None:
     if not isinstance(c.get("model.name"), str):
         c.bad("model.name", "must be a registered model name (flexvision.list_models())")
     else:
-        kwargs = dict(c.get("model.kwargs") or {})
-        c.call("model.kwargs" if kwargs else "model.name",
-               lambda: flexvision.create_model(config.model.name, **kwargs))
+        c.call("model.kwargs" if c.get("model.kwargs") else "model.name",
+               build_model or default_build_model, config)
     c.divisible("input.batch_size", devices)
     c.call("input.pp", ops.parse, c.get("input.pp"))
     c.int_at_least("input.shuffle_buffer", 1, default=1)
