@@ -55,6 +55,8 @@ def tiny_config(data_dir, cache_dir, **overrides):
     config.optax.grad_clip_norm = None  # item 7 switches it on when resuming
     config.total_steps = 4
     config.schedule.warmup_steps = 1
+    config.schedule.decay_type = "constant"  # the step's HLO does not depend on total_steps:
+    # runs of any length share one compiled step through the persistent compilation cache
     config.log_every = 1
     config.checkpoint_every = 1
     config.keep_checkpoints = 0  # item 5: keep every checkpoint
@@ -208,15 +210,17 @@ def test_trainer_resumes_from_the_newest_good_checkpoint(trained, tmp_path, capl
 
 def test_second_run_is_refused_and_a_killed_run_leaves_no_stale_lock(data_dir, cache_dir,
                                                                      tmp_path):
+    """The first run is a process holding the workdir's lock the way the trainer does (the
+    trainer's own start-up imports would only make the test slower); the second is the trainer."""
     from flexvision.engine.workdir import WorkdirInUseError, WorkdirLock
     from flexvision.train.trainer import train_and_evaluate
 
     config = tiny_config(data_dir, cache_dir, total_steps=100_000)
     workdir = tmp_path / "shared"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "flexvision.train", "--config",
-         _config_file(config, tmp_path / "c.py"), "--workdir", str(workdir)],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from flexvision.engine.workdir import WorkdirLock; "
+            "WorkdirLock(sys.argv[1]).acquire(); time.sleep(600)")
+    first = subprocess.Popen([sys.executable, "-c", hold, str(workdir)], cwd=REPO, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None:
