@@ -20,15 +20,25 @@ RUNTIME_REQUIREMENTS = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "importlib-resources>=6",  # needed by tensorflow-datasets to build datasets locally
+    "pycocotools>=2.0.8",  # COCO annotation files and box/mask AP
+    "tifffile>=2024.1",  # reads the nuclei dataset's TIFFs
+    "pillow>=10",
+    "scipy>=1.11",
 ]
+
+# The nuclei dataset reads two data files from the stardist wheel (never importing it); stardist
+# pulls numba, llvmlite, scikit-image and csbdeep (~100 MB), so it is an extra:
+# pip install "flexvision[nuclei]" (or `pip install --no-deps stardist`).
+NUCLEI_REQUIREMENTS = ["stardist>=0.9"]
 
 TEST_REQUIREMENTS = [
     "pytest>=8",
     "pytest-xdist>=3.5",
+    "filelock>=3.12",  # tests/conftest.py: one trained workdir shared by the xdist workers
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
-]
+] + NUCLEI_REQUIREMENTS
 
 setup(
     name="flexvision",
@@ -39,12 +49,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flexvision", "flexvision.*"]),
     install_requires=RUNTIME_REQUIREMENTS,
-    extras_require={"test": TEST_REQUIREMENTS},
+    extras_require={"test": TEST_REQUIREMENTS, "nuclei": NUCLEI_REQUIREMENTS},
     entry_points={
         "console_scripts": [
             "flexvision-train=flexvision.train.__main__:run",
             "flexvision-evaluate=flexvision.evaluate:run",
-            "flexvision-benchmark=flexvision.benchmark:run",
+            "flexvision-benchmark=flexvision.benchmark.cli:run",
         ]
     },
 )

@@ -14,31 +14,17 @@ teacher's accuracy, and agreement@1 / KL with the teacher per patch size.
 Config keys: see configs/flexivit_digits.py and flexvision/train/distill.py (config.distill).
 """
 
-import os
-import sys
+from flexvision.engine.configs import sibling
 
-import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flexivit_digits  # noqa: E402  (the student's recipe)
+flexivit_digits = sibling(__file__, "flexivit_digits")  # the student's recipe
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):
     """arg: the teacher's workdir (a finished configs/vit_digits.py run)."""
     config = flexivit_digits.get_config()
-    config.distill = ml_collections.ConfigDict()
-    config.distill.teacher = ml_collections.ConfigDict()
-    config.distill.teacher.source = "workdir"
-    config.distill.teacher.workdir = arg or "/tmp/vit_digits"
-    config.distill.teacher.name = ml_collections.config_dict.placeholder(str)
-    config.distill.teacher.weights = ml_collections.config_dict.placeholder(str)
-    config.distill.teacher.kwargs = ml_collections.ConfigDict()
-    config.distill.teacher.patch_size = ml_collections.config_dict.placeholder(int)
-    config.distill.teacher.resolution = 48
-    config.distill.temperature = 1.0
-    config.distill.label_weight = 0.0
-    config.distill.init_from_teacher = True
-
+    config.distill = common.distill_block("workdir", resolution=48,
+                                          workdir=arg or "/tmp/vit_digits")
     config.total_steps = 1200  # the labels-only baseline's budget, for a fair comparison
     config.schedule.warmup_steps = 50
     config.checkpoint_every = 400

@@ -18,13 +18,15 @@ not importable yet; big_vision's DeiT III recipe differs only in the teacher (38
 Differences from big_vision: the teacher's view is the student's 240 px crop resized to the
 teacher's resolution inside the step (big_vision resizes the raw crop twice), and mixup uses
 one Beta(alpha, alpha) pair per batch (``mixup_alpha``) instead of big_vision's p=1, n=2 mixing.
-``arg``: ``epochs=N`` (default 90). Keys: configs/flexivit_digits.py and train/distill.py.
+``arg``: ``epochs=N`` (default 90). Built from configs/flexivit_i1k.py (FlexiViT-B, the same
+data, patch sizes, mixup, clipping and evals); keys: configs/flexivit_digits.py and
+flexvision/train/distill.py.
 """
 
-import ml_collections
+from flexvision.engine.configs import sibling
 
-PATCH_SIZES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
-TRAIN_EXAMPLES = 1_281_167
+flexivit_i1k = sibling(__file__, "flexivit_i1k")  # the student's recipe
+common = sibling(__file__, "common")
 
 
 def parse_arg(arg):
@@ -40,65 +42,14 @@ def parse_arg(arg):
 
 def get_config(arg=None):
     options = parse_arg(arg)
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "flexivit_base"
-    config.model.kwargs = ml_collections.ConfigDict({"num_classes": 1000})
-
-    config.input = ml_collections.ConfigDict()
-    config.input.name = "imagenet2012"
-    config.input.split = "train[:99%]"
-    config.input.data_dir = ml_collections.config_dict.placeholder(str)
-    config.input.pp = ("decode|inception_crop(240)|flip_lr|value_range(-1, 1)|"
-                       "onehot(1000, key='label', key_result='labels')")
+    config = flexivit_i1k.get_config(f"base,epochs={options['epochs']}")
     config.input.batch_size = 1024
-    config.input.shuffle_buffer = 250_000
-
-    config.flexi = ml_collections.ConfigDict()
-    config.flexi.patch_sizes = PATCH_SIZES
-    config.flexi.probs = "uniform"
-
-    config.distill = ml_collections.ConfigDict()
-    config.distill.teacher = ml_collections.ConfigDict()
-    config.distill.teacher.source = "timm"
-    config.distill.teacher.name = "vit_base_patch8_224"
-    config.distill.teacher.weights = ml_collections.config_dict.placeholder(str)
-    config.distill.teacher.workdir = ml_collections.config_dict.placeholder(str)
-    config.distill.teacher.kwargs = ml_collections.ConfigDict({"num_classes": 1000})
-    config.distill.teacher.patch_size = ml_collections.config_dict.placeholder(int)
-    config.distill.teacher.resolution = 224
-    config.distill.temperature = 1.0
-    config.distill.label_weight = 0.0
-    config.distill.init_from_teacher = True
-
+    config.distill = common.distill_block("timm", resolution=224, name="vit_base_patch8_224",
+                                          kwargs={"num_classes": 1000})
     config.loss = "softmax_xent"  # only the eval loss and label_weight > 0 use it
-    config.label_smoothing = 0.0
-    config.mixup_alpha = 0.2
-
     config.lr = 1e-4
-    config.schedule = ml_collections.ConfigDict(
-        {"warmup_steps": 5000, "decay_type": "cosine", "min_lr_ratio": 0.0})
-    config.optax = ml_collections.ConfigDict(
-        {"name": "adam", "kwargs": {"b1": 0.9, "b2": 0.999}, "weight_decay": 1e-5 / 1e-4,
-         "grad_clip_norm": 1.0})
-
-    config.total_steps = options["epochs"] * TRAIN_EXAMPLES // config.input.batch_size
-    config.log_every = 50
-    config.checkpoint_every = 1000
-    config.keep_checkpoints = 3
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.pp = ("decode|resize_small(274)|central_crop(240)|value_range(-1, 1)|"
-                      "onehot(1000, key='label', key_result='labels')")
-    config.eval.splits = ("validation", "train[99%:]")
-    config.eval.patch_sizes = PATCH_SIZES
-    config.eval.resolutions = ()
-    config.eval.batch_size = 1024
-    config.eval.every = 5000
-
-    config.mesh = [("data", -1)]
-    config.sharding = ml_collections.ConfigDict()
-    config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+    config.schedule.warmup_steps = 5000
+    config.optax.weight_decay = 1e-5 / 1e-4
+    config.total_steps = (options["epochs"] * flexivit_i1k.TRAIN_EXAMPLES
+                          // config.input.batch_size)
     return config

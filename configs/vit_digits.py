@@ -10,11 +10,9 @@ is the failure FlexiViT's random patch-size training removes (FlexiViT paper, Fi
 Built from configs/flexivit_digits.py, so the two cannot drift apart. Config keys: see there.
 """
 
-import os
-import sys
+from flexvision.engine.configs import sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flexivit_digits  # noqa: E402  (one recipe, two configs)
+flexivit_digits = sibling(__file__, "flexivit_digits")  # one recipe, two configs
 
 PATCH_SIZES = flexivit_digits.PATCH_SIZES
 

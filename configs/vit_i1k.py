@@ -11,11 +11,9 @@ the FlexiViT patch sizes 48..8 to show how a standard ViT degrades away from its
 Config keys: see configs/flexivit_digits.py.
 """
 
-import os
-import sys
+from flexvision.engine.configs import sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flexivit_i1k  # noqa: E402  (one recipe, two configs)
+flexivit_i1k = sibling(__file__, "flexivit_i1k")  # one recipe, two configs
 
 
 def get_config(arg=None):

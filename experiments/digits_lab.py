@@ -1,11 +1,12 @@
 """Shared pieces of the small-scale FlexiViT experiments on scikit-learn's digits (no download).
 
 Everything here runs in memory on CPU in minutes: the fixed 1500/297 digits split of
-``flexvision.data.digits`` upsampled to 24x24 (or any size, 1 or 3 channels), a jitted AdamW
-training loop for the micro ViT / FlexiViT (``vit_micro`` / ``flexivit_micro``, a random patch
-size per step) and for any registered classifier (``train_variables``, BatchNorm state
-included), per-patch-size evaluation, and the two ways of moving a trained patch-embedding
-kernel to another patch size (FlexiViT paper, arXiv 2212.08013, Sec. 3.4: bilinear resize vs
+``flexvision.data.digits`` upsampled to 24x24 (or any size, 1 or 3 channels), a training loop
+for the micro ViT / FlexiViT (``vit_micro`` / ``flexivit_micro``, a random patch size per step
+from the trainer's schedule) and for any registered classifier (``train_variables``, BatchNorm
+state included) that runs the trainer's own step and AdamW (``flexvision.engine``),
+per-patch-size evaluation, and the two ways of moving a trained patch-embedding kernel to
+another patch size (FlexiViT paper, arXiv 2212.08013, Sec. 3.4: bilinear resize vs
 PI-resize). Compiled steps are cached per model configuration, so repeated runs (one per
 patch-size distribution, say) compile once.
 """
@@ -17,15 +18,18 @@ import json
 import os
 from typing import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import flexvision
 from flexvision.data.digits import digits_split_indices
-from flexvision.layers.flex import pi_resize_kernel
+from flexvision.engine import optim, patch_schedule
+from flexvision.engine.losses import softmax_xent
+from flexvision.engine.sharding import unbox
+from flexvision.engine.state import eval_variables, train_state
+from flexvision.engine.step import make_train_step, model_kwargs
+from flexvision.layers.flex import bilinear_resize_kernel, pi_resize_kernel, resize_images
 
 IMAGE_SIZE = 24  # small enough for minutes on 2 CPU cores; the configs/ demo uses 48
 PATCH_SIZES = (3, 4, 6, 8, 12)
@@ -54,8 +58,7 @@ def _digits_split(image_size: int, channels: int):
                          f"{channels}")
     digits = load_digits()
     images = (digits.images.astype(np.float32) / 16.0)[..., None]
-    images = np.asarray(jax.image.resize(
-        jnp.asarray(images), (len(images), image_size, image_size, 1), "bilinear"))
+    images = np.asarray(resize_images(jnp.asarray(images), image_size))
     images = np.repeat(images * 2.0 - 1.0, channels, axis=-1)
     split = {}
     for name, idx in digits_split_indices().items():
@@ -104,96 +107,82 @@ def patch_size_probs(patch_sizes: Sequence[int], distribution: str,
     return weights / weights.sum()
 
 
-def make_optimizer(steps: int, lr: float = 1e-3, weight_decay: float = 1e-4
-                   ) -> optax.GradientTransformation:
-    """AdamW with linear warmup (10% of ``steps``) and cosine decay, global-norm clipping at 1."""
+def optimizer_config(steps: int, lr: float = 1e-3, weight_decay: float = 1e-4):
+    """The trainer config block for AdamW with linear warmup (10% of ``steps``) and cosine
+    decay to 0, global-norm clipping at 1 (read by ``engine.optim.make_optimizer``, which decays
+    kernels only)."""
+    import ml_collections
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    warmup = max(1, steps // 10) if steps > 1 else 0
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, weight_decay=weight_decay))
-
-
-def _apply_kwargs(patch_size) -> dict:
-    return {} if patch_size is None else {"patch_size": patch_size}
+    return ml_collections.ConfigDict({
+        "lr": float(lr), "total_steps": int(steps),
+        "schedule": {"warmup_steps": max(1, steps // 10) if steps > 1 else 0,
+                     "decay_type": "cosine"},
+        "optax": {"name": "adam", "weight_decay": float(weight_decay), "grad_clip_norm": 1.0}})
 
 
 @functools.lru_cache(maxsize=64)
-def _train_step(model, steps: int, lr: float, weight_decay: float, stateful: tuple[str, ...]):
-    """One jitted AdamW step of ``model``, cached per (model, schedule): every run with the same
-    configuration reuses the compiled executables (one per patch size, a static argument)."""
-    tx = make_optimizer(steps, lr, weight_decay)
-
-    def step(variables, opt_state, x, y, key, patch):
-        state = {k: variables[k] for k in stateful}
-
-        def loss_fn(params):
-            out = model.apply({"params": params, **state}, x, train=True,
-                              rngs={"dropout": key}, mutable=list(stateful) or False,
-                              **_apply_kwargs(patch))
-            logits, new_state = out if stateful else (out, {})
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, new_state
-
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        return {"params": params, **new_state}, opt_state, loss
-
-    return tx, jax.jit(step, static_argnums=5)
+def _train_step(model, steps: int, lr: float, weight_decay: float, seed: int,
+                patch_size: int | None):
+    """(optimizer, jitted engine train step) of ``model`` at ``patch_size``, cached per
+    configuration: repeated runs with the same settings reuse the compiled executable."""
+    tx, _ = optim.make_optimizer(optimizer_config(steps, lr, weight_decay))
+    step = make_train_step(model, tx, softmax_xent, seed=seed, patch_size=patch_size)
+    return tx, jax.jit(step, donate_argnums=0)
 
 
 def train_variables(model, data, *, steps: int, patch_sizes: Sequence[int] | None = None,
                     probs: Sequence[float] | None = None, batch_size: int = 64,
                     lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
                     log: Callable[[str], None] | None = print) -> dict:
-    """Trains any flexvision classifier on ``data['train']``; returns all its variables
-    ('params' and, for BatchNorm models, 'batch_stats').
+    """Trains any flexvision classifier on ``data['train']`` with the trainer's own step and
+    optimizer (``flexvision.engine``); returns all its variables ('params' and, for BatchNorm
+    models, 'batch_stats').
 
     ``patch_sizes`` None: the model is called without ``patch_size`` (any family); else each
-    step draws its patch size from ``patch_sizes`` with ``probs`` (FlexiViT Sec. 3.2).
+    step's patch size comes from the trainer's schedule over ``patch_sizes`` with ``probs``
+    (``engine.patch_schedule``, FlexiViT Sec. 3.2). Batches are drawn with replacement from
+    ``np.random.default_rng(seed)``.
     """
     images, labels = data["train"]
     rng = np.random.default_rng(seed)
     # Jitted init with the 'rbg' PRNG: eager init runs op by op and threefry's per-parameter
     # random bits take XLA on CPU tens of seconds to compile for a model with many tensors.
-    init = jax.jit(functools.partial(
-        model.init, **_apply_kwargs(None if patch_sizes is None else int(patch_sizes[0]))))
-    variables = dict(nn.meta.unbox(init(jax.random.key(seed, impl="rbg"),
-                                        jnp.zeros((1, *images.shape[1:])))))
-    stateful = tuple(sorted(k for k in variables if k != "params"))
-    tx, jitted = _train_step(model, steps, float(lr), float(weight_decay), stateful)
-    opt_state = tx.init(variables["params"])
-    probs = None if probs is None else np.asarray(probs, np.float64)
-    dropout_key = jax.random.key(seed + 1, impl="rbg")
+    first_patch = None if patch_sizes is None else int(patch_sizes[0])
+    init = jax.jit(functools.partial(model.init, **model_kwargs(model, first_patch)))
+    variables = unbox(dict(init(jax.random.key(seed, impl="rbg"),
+                                jnp.zeros((1, *images.shape[1:])))))
+    flexi = None if patch_sizes is None else {
+        "patch_sizes": list(patch_sizes), "probs": "uniform" if probs is None else list(probs)}
+    state = None
+    num_classes = int(jax.eval_shape(
+        lambda v, x: model.apply(v, x, **model_kwargs(model, first_patch)), variables,
+        jnp.zeros((1, *images.shape[1:]))).shape[-1])
     for i in range(steps):
         idx = rng.integers(0, len(images), batch_size)
-        patch = None if patch_sizes is None else int(rng.choice(patch_sizes, p=probs))
-        variables, opt_state, loss = jitted(variables, opt_state, images[idx], labels[idx],
-                                            jax.random.fold_in(dropout_key, i), patch)
+        patch = None if flexi is None else patch_schedule.patch_size_for_step(flexi, seed, i)
+        tx, jitted = _train_step(model, steps, float(lr), float(weight_decay), seed, patch)
+        state = train_state(variables, tx) if state is None else state
+        batch = {"image": images[idx], "labels": jax.nn.one_hot(labels[idx], num_classes)}
+        state, metrics = jitted(state, batch)
         if log and (i % max(1, steps // 5) == 0 or i == steps - 1):
-            log(f"step {i + 1}/{steps} patch {patch} loss {float(loss):.3f}")
-    return variables
+            log(f"step {i + 1}/{steps} patch {patch} loss {float(metrics['loss']):.3f}")
+    return variables if state is None else eval_variables(state)
 
 
 def train(model, data, *, steps: int, patch_sizes: Sequence[int] = (BASE_PATCH,),
           probs: Sequence[float] | None = None, batch_size: int = 64, lr: float = 1e-3,
           seed: int = 0, log: Callable[[str], None] | None = print) -> dict:
     """Trains a micro ViT / FlexiViT with AdamW (warmup + cosine) and a per-step patch size
-    drawn from ``patch_sizes`` with ``probs``; returns the params. One jitted step per patch
-    size, compiled once per model configuration and schedule."""
+    drawn from ``patch_sizes`` with ``probs`` (:func:`train_variables`); returns the params."""
     return train_variables(model, data, steps=steps, patch_sizes=patch_sizes, probs=probs,
                            batch_size=batch_size, lr=lr, seed=seed, log=log)["params"]
 
 
-def flexvision_boxed():
-    return nn.meta.AxisMetadata
-
-
 @functools.lru_cache(maxsize=128)
 def _predict(model, patch_size):
-    return jax.jit(lambda v, x: model.apply(v, x, train=False, **_apply_kwargs(patch_size)))
+    return jax.jit(lambda v, x: model.apply(v, x, train=False, **model_kwargs(model, patch_size)))
 
 
 def _as_variables(params_or_variables: dict) -> dict:
@@ -218,13 +207,6 @@ def accuracy(model, params, data, patch_size=None, batch_size: int = 297) -> flo
     ``params``: a ViT's params, or the full variables of any model (with 'batch_stats')."""
     images, labels = data["test"]
     return float(np.mean(predict_labels(model, params, images, patch_size, batch_size) == labels))
-
-
-def bilinear_resize_kernel(kernel_hwio: jax.Array, new_patch: int) -> jax.Array:
-    """The naive alternative to PI-resize: resize the kernel like an image (bilinear).
-    Token norms then scale with the patch area, which PI-resize avoids (FlexiViT Sec. 3.4)."""
-    return jax.image.resize(kernel_hwio, (new_patch, new_patch, *kernel_hwio.shape[2:]),
-                            "bilinear", antialias=False)
 
 
 def with_resized_patch_embed(name: str, params: dict, new_patch: int, how: str, **overrides):

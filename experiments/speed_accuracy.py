@@ -35,6 +35,9 @@ from typing import Any, Sequence
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from flexvision import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+from flexvision.benchmark.cli import json_dict, int_list  # noqa: E402
+from flexvision.engine.state import read_config  # noqa: E402
+from flexvision.layers.flex import to_pair  # noqa: E402
 
 
 def read_accuracy(workdir: str | None, accuracy_json: str | None) -> dict[int, float]:
@@ -66,11 +69,9 @@ def read_model_from_workdir(workdir: str | None) -> tuple[str | None, dict]:
     """The model name and overrides a trainer workdir recorded (config.json), if it has one."""
     if not workdir:
         return None, {}
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
+    if not (pathlib.Path(workdir) / "config.json").exists():
         return None, {}
-    config = json.loads(path.read_text())
-    model = config.get("model", {}) if isinstance(config, dict) else {}
+    model = read_config(workdir).to_dict().get("model", {})
     if isinstance(model, str):
         return model, {}
     name = model.get("name")
@@ -93,7 +94,7 @@ def measure_speeds(architectures: Sequence[tuple[str, dict]], patch_size: int, *
         work = benchmark.build_workload(model, resolution=resolution, patch_size=patch_size,
                                         dtype=dtype, optimizer="sgd", overrides=overrides,
                                         seed=seed)
-        if not work.patch_kwargs:
+        if work.patch_size is None:
             raise ValueError(f"{model} does not take patch_size=: the trade-off curve needs a "
                              f"flexible-patch model such as flexivit_small")
         works.append(work)
@@ -110,10 +111,9 @@ def measure_speeds(architectures: Sequence[tuple[str, dict]], patch_size: int, *
 def trained_patch_sizes(workdir: str | None) -> list[int] | None:
     """The patch sizes a trainer run drew from (config.json ``flexi.patch_sizes``); None for a
     fixed-patch run or a workdir without config.json."""
-    path = pathlib.Path(workdir) / "config.json" if workdir else None
-    if path is None or not path.exists():
+    if not workdir or not (pathlib.Path(workdir) / "config.json").exists():
         return None
-    flexi = json.loads(path.read_text()).get("flexi")
+    flexi = read_config(workdir).to_dict().get("flexi")
     sizes = flexi.get("patch_sizes") if isinstance(flexi, dict) else None
     return [int(p) for p in sizes] if sizes else None
 
@@ -124,8 +124,8 @@ def stored_patch_size(model: str, overrides: dict) -> int | None:
     patch = getattr(flexvision.create_model(model, **overrides), "patch_size", None)
     if patch is None:
         return None
-    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-    return int(patch[0]) if patch[0] == patch[1] else None
+    patch = to_pair(patch, "patch_size")
+    return patch[0] if patch[0] == patch[1] else None
 
 
 def describe_run(workdir: str | None, model: str, overrides: dict) -> tuple[str, int | None]:
@@ -238,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="another trainer workdir to draw beside it (repeatable), e.g. a "
                              "fixed-patch ViT; its model comes from its config.json")
     parser.add_argument("--model", help="registered model name (default: from the workdir)")
-    parser.add_argument("--overrides", type=benchmark._json_dict, default=None,  # pylint: disable=protected-access
+    parser.add_argument("--overrides", type=json_dict, default=None,
                         help="JSON model overrides (default: from the workdir)")
-    parser.add_argument("--patch_sizes", type=benchmark._int_list, default=None,  # pylint: disable=protected-access
+    parser.add_argument("--patch_sizes", type=int_list, default=None,
                         help="patch sizes to measure (default: those with an accuracy)")
     parser.add_argument("--resolution", type=benchmark.parse_resolution, default=(240, 240))
     parser.add_argument("--batch_size", type=int, default=32)

@@ -8,6 +8,7 @@ import runpy
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -164,12 +165,22 @@ def test_patch_sizes_and_batch_stats_are_detected(tmp_path):
     assert flops[4] > flops[8]  # a smaller patch means more tokens, more work
 
 
-def test_random_patch_sizes_follow_the_training_draw():
-    sizes = (8, 16, 32)
-    draws = [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
-    assert draws == [benchmark.draw_patch_size(3, step, sizes) for step in range(50)]
-    assert set(draws) == set(sizes)
-    assert draws[7] == int(np.random.default_rng((3, 7)).choice(sizes))
+@pytest.mark.parametrize("seed", [0, 1, 3, 17])
+def test_random_patch_sizes_are_the_trainers_draws(seed):
+    from flexvision.engine import patch_schedule
+
+    sizes = benchmark.workloads.FLEXIVIT_PATCH_SIZES
+    flexi = ml_collections.ConfigDict({"patch_sizes": sizes, "probs": "uniform"})
+    trainer = [patch_schedule.patch_size_for_step(flexi, seed, step) for step in range(60)]
+    assert [benchmark.draw_patch_size(seed, step, sizes) for step in range(60)] == trainer
+    assert set(trainer) <= set(sizes)
+
+
+def test_random_patch_draw_of_seed_0_is_the_trainers():
+    # The trainer's first five patch sizes for seed 0 over FlexiViT's sizes (issue 15: the old
+    # benchmark formula drew 40, 20, 48, 20, 16 here).
+    sizes = benchmark.workloads.FLEXIVIT_PATCH_SIZES
+    assert [benchmark.draw_patch_size(0, step, sizes) for step in range(5)] == [24, 40, 8, 40, 40]
 
 
 def test_second_random_patch_run_compiles_nothing(tmp_path):
@@ -178,7 +189,9 @@ def test_second_random_patch_run_compiles_nothing(tmp_path):
         "toy_flex_patch", "--random_patch_sizes", "4,8", "--random_patch_resolution", "16",
         "--batch_size", "2", "--optimizer", "sgd", "--cache_dir", str(tmp_path / "cache")])
     first, second = benchmark.random_patch_benchmark(args)
-    assert first["drawn"] == second["drawn"] and first["executables"] == 2
+    from flexvision.engine import patch_schedule
+    trainer = [patch_schedule.patch_size_for_step({"patch_sizes": [4, 8]}, 0, s) for s in range(5)]
+    assert first["drawn"] == second["drawn"] == trainer and first["executables"] == 2
     assert first["cache_misses"] == first["executables"] and first["cache_hits"] == 0
     assert second["cache_misses"] == 0 and second["cache_hits"] == second["executables"]
     # Cache retrieval replaces XLA compilation: the warm run spends far less time compiling.
@@ -292,3 +305,26 @@ def test_heads_major_attention_equals_jax_nn(dtype):
         tol = 1e-6 if dtype == jnp.float32 else 2e-2
         np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
                                    atol=tol, rtol=tol)
+
+
+def test_each_result_is_printed_and_saved_as_soon_as_measured(tmp_path, capsys, monkeypatch):
+    from flexvision.benchmark import cli
+
+    measure = cli.benchmark_config
+
+    def cut_short_at_the_second_model(name, **kwargs):
+        if name == "toy_batchnorm":
+            raise KeyboardInterrupt  # what a time limit does to a run
+        return measure(name, **kwargs)
+
+    monkeypatch.setattr(cli, "benchmark_config", cut_short_at_the_second_model)
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--import_modules", TOY, "--models", "toy_flex_patch,toy_batchnorm",
+                  "--batch_size", "2", "--resolutions", "16", "--repeats", "1", "--warmup", "1",
+                  "--min_time", "0.001", "--matmul_size", "64", "--no_train",
+                  "--json", str(path)])
+    (result,) = json.loads(path.read_text())["results"]
+    assert result["model"] == "toy_flex_patch" and result["inference"]["images_per_s"]["median"] > 0
+    printed = capsys.readouterr().out
+    assert "toy_flex_patch" in printed and "img/s median [min-max]" in printed

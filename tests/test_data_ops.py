@@ -107,7 +107,7 @@ def test_full_pipeline_string():
     ("resize(32, 32, 32, 32, 32)", "Usage: resize"),
     ("value_range(-1, 1, scale=2)", "unexpected keyword argument 'scale'"),
     ("resize(-4)", "size must be positive"),
-    ("resize('big')", "size must be an int or a pair of ints"),
+    ("resize('big')", "size must be a positive int or a pair of positive ints"),
     ("resize(32, method='cubic')", "method must be one of"),
     ("onehot(0)", "depth must be a positive int"),
     ("inception_crop(32, area_min=50, area_max=20)", "area_min <= area_max"),

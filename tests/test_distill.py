@@ -114,29 +114,24 @@ def test_student_posemb_resampled_from_larger_teacher_grid():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_distill_mode_end_to_end(tmp_path):
+def test_distill_mode_end_to_end(digits_data_dir, jax_cache_dir, tmp_path):
     """config.distill selects the mode: a tiny ViT/4 teacher trained by the trainer, then a
     FlexiViT (base patch 8) student initialised from it. With lr 0 the student stays at its
     init, so at the teacher's patch size it agrees with the teacher everywhere (KL ~ 0)."""
     import ml_collections
 
-    from flexvision.data import digits
     from flexvision.train.trainer import train_and_evaluate
 
-    data_dir = str(tmp_path / "tfds")
-    digits.prepare(data_dir)
+    data_dir = digits_data_dir
     tiny = {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
             "patch_size": (4, 4), "posemb_grid": (4, 4)}
 
     def config_for(model_name, **updates):
-        import importlib.util
         import os
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "flexivit_digits.py")
-        spec = importlib.util.spec_from_file_location("_flexivit_digits_cfg", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+
+        from flexvision.engine.configs import get_config
+        config = get_config(os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "configs", "flexivit_digits.py"))
         config.model.name = model_name
         config.model.kwargs = ml_collections.ConfigDict(tiny)
         config.input.data_dir = data_dir
@@ -145,7 +140,7 @@ def test_distill_mode_end_to_end(tmp_path):
         config.eval.pp = "decode|resize(16)|value_range(-1, 1)|onehot(10)"
         config.eval.batch_size = 200
         config.total_steps, config.schedule.warmup_steps, config.log_every = 3, 1, 1
-        config.compilation_cache_dir = str(tmp_path / "cache")
+        config.compilation_cache_dir = jax_cache_dir
         for key, value in updates.items():
             setattr(config, key, value)
         return config
@@ -167,3 +162,29 @@ def test_distill_mode_end_to_end(tmp_path):
     assert final["kl"]["4"] < 1e-6
     assert final["accuracy"]["4"] == final["teacher_accuracy"]
     assert 0.0 <= final["agreement"]["8"] <= 1.0 and final["kl"]["8"] >= 0.0
+
+
+def test_distill_config_with_another_objective_is_an_error(tiny_config, tmp_path):
+    """A config.distill block trained with a non-distillation objective (e.g. a custom loss on
+    the classification objective) fails before training instead of ignoring the teacher."""
+    import dataclasses
+
+    import ml_collections
+    import pytest
+
+    from flexvision.train import objective
+    from flexvision.train.trainer import train_and_evaluate
+
+    config = tiny_config()
+    config.distill = ml_collections.ConfigDict({"teacher": {"source": "workdir",
+                                                            "workdir": str(tmp_path / "none")}})
+
+    def custom_loss(config, model, mesh):
+        task = objective.classification(config, model, mesh)
+        return dataclasses.replace(task, loss_fn=lambda logits, labels: task.loss_fn(
+            logits, labels) * 2.0)
+
+    with pytest.raises(ValueError, match="config.distill is set but the objective is "
+                                         "'classification'"):
+        train_and_evaluate(config, str(tmp_path / "student"), objective_fn=custom_loss)
+    assert not (tmp_path / "student" / "checkpoints").exists()

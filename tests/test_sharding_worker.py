@@ -10,8 +10,10 @@ file in a fresh interpreter:
     python tests/test_sharding_worker.py trainer OUT [ID PORT]  # the real trainer, 2 or 1 process
 
 Each mode writes NumPy/JSON results under OUT for the tests to compare. The experiment is a
-real registry model (a tiny FlexiViT) trained with SGD + momentum on a fixed synthetic stream
-whose batch at step ``s`` depends only on (seed, s), so every mesh sees the same data.
+real registry model (a tiny FlexiViT) trained by the trainer's own step and optimizer factory
+(``flexvision.engine``: SGD + momentum) on a fixed synthetic stream whose batch at step ``s``
+depends only on (seed, s), so every mesh sees the same data; checkpoints go through the
+trainer's checkpoint API (``engine.checkpoint.Checkpointer``).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ FSDP_MESHES = {1: [("data", 8)], 2: [("data", 4), ("fsdp", 2)], 4: [("data", 2),
 def synthetic_batch(step: int, rows: slice | None = None) -> dict:
     """The global batch of ``step`` (a function of (SEED, step) only), or its ``rows``."""
     rng = np.random.default_rng((SEED, step))
+    labels = rng.integers(0, MODEL["num_classes"], GLOBAL_BATCH)
     batch = {"image": rng.normal(size=(GLOBAL_BATCH, IMAGE, IMAGE, 3)).astype(np.float32),
-             "label": rng.integers(0, MODEL["num_classes"], GLOBAL_BATCH).astype(np.int32)}
+             "labels": np.eye(MODEL["num_classes"], dtype=np.float32)[labels]}
     return batch if rows is None else {k: v[rows] for k, v in batch.items()}
 
 
@@ -59,38 +62,36 @@ class Experiment:
     def __init__(self, mesh_axes, devices=None, sharding_config=None):
         import jax
         import jax.numpy as jnp
-        import optax
+        import ml_collections
 
         import flexvision
-        from flexvision.engine import sharding
+        from flexvision.engine import optim, sharding
+        from flexvision.engine.losses import softmax_xent
+        from flexvision.engine.state import train_state
+        from flexvision.engine.step import make_train_step
 
         self.sharding_config = sharding_config or {"fsdp_min_size": FSDP_MIN_SIZE}
         self.mesh = sharding.create_mesh(mesh_axes, devices)
         self.model = flexvision.create_model("flexivit_micro", **MODEL)
-        self.tx = optax.sgd(0.03, momentum=0.9)
+        self.tx, _ = optim.make_optimizer(ml_collections.ConfigDict({
+            "lr": 0.03, "total_steps": STEPS + EXTRA_STEPS,
+            "schedule": {"decay_type": "constant"},
+            "optax": {"name": "sgd", "kwargs": {"momentum": 0.9}}}))
         dummy = jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float32)
 
         def init_state(rng):
-            params = sharding.unbox(self.model.init(rng, dummy, patch_size=PATCH)["params"])
-            return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": self.tx.init(params)}
+            variables = sharding.unbox(self.model.init(rng, dummy, patch_size=PATCH))
+            return train_state(variables, self.tx)
 
-        def loss_fn(params, batch):
-            logits = self.model.apply({"params": params}, batch["image"], patch_size=PATCH)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-        def train_step(state, batch):
-            loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                    "opt_state": opt_state}, loss
+        train_step = make_train_step(self.model, self.tx, softmax_xent, seed=SEED,
+                                     patch_size=PATCH)
 
         boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), dummy, patch_size=PATCH))
         self.abstract_state = jax.eval_shape(init_state, jax.random.key(0))
         self.shardings = sharding.tree_shardings(self.abstract_state, self.mesh,
                                                  self.sharding_config, reference=boxed)
         batch_shardings = {"image": sharding.batch_sharding(self.mesh, 4),
-                           "label": sharding.batch_sharding(self.mesh, 1)}
+                           "labels": sharding.batch_sharding(self.mesh, 2)}
         self.init_state = init_state
         self._init = jax.jit(init_state, out_shardings=self.shardings)
         self._step = jax.jit(train_step, in_shardings=(self.shardings, batch_shardings),
@@ -120,8 +121,8 @@ class Experiment:
             for _ in range(steps):
                 step = int(state["step"])
                 local = synthetic_batch(step, distributed.process_rows(GLOBAL_BATCH))
-                state, loss = self._step(state, sharding.global_batch(local, self.mesh))
-                losses.append(float(loss))
+                state, metrics = self._step(state, sharding.global_batch(local, self.mesh))
+                losses.append(float(metrics["loss"]))
         return state, losses
 
 
@@ -187,7 +188,7 @@ def run_equivalence(out: str) -> None:
     """Same training under every mesh in MESHES; memory per device under FSDP; resharded restore."""
     import jax
 
-    from flexvision.engine import distributed, sharding
+    from flexvision.engine import sharding
     results = {"losses": {}, "live_bytes": {}, "planned_bytes": {}, "specs": {}}
     arrays = {}
     states = {}
@@ -268,12 +269,10 @@ def run_resume(out: str) -> None:
 
 def trainer_config(workdir_root: str):
     """configs/flexivit_digits.py cut down to a few steps of a one-block model on a 3-D mesh."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "configs"))
-    import flexivit_digits
-
     from flexvision.engine import sharding
-    config = flexivit_digits.get_config()
+    from flexvision.engine.configs import get_config
+    config = get_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     "configs", "flexivit_digits.py"))
     config.model.kwargs.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
     config.input.data_dir = os.path.join(workdir_root, "tfds")
     config.input.batch_size = 16

@@ -2,6 +2,8 @@
 
 Covers: the same losses on 1 and 8 simulated CPU devices, exact resume after an interruption,
 SIGTERM saving a checkpoint, the NaN/Inf guard, final_eval.json/png and the evaluate entry.
+The uninterrupted one-device run is the session's ``trained_run`` (tests/conftest.py), shared
+by the tests that compare with it.
 """
 
 import json
@@ -16,48 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flexvision.data import digits
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import flexivit_digits  # noqa: E402  (the real demo config, shrunk below)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    digits.prepare(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def tiny_config(data_dir, cache_dir, **overrides):
-    """The demo config with a 1-block width-16 FlexiViT on 16 px digits, patch sizes {4, 8}."""
-    config = flexivit_digits.get_config()
-    config.model.kwargs = ml_collections.ConfigDict(
-        {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
-         "dropout": 0.1})
-    config.input.data_dir = data_dir
-    config.input.pp = "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)|onehot(10)"
-    config.input.batch_size = 16
-    config.flexi.patch_sizes = (4, 8)
-    config.eval.pp = "decode|resize(16)|value_range(-1, 1)|onehot(10)"
-    config.eval.patch_sizes = (4, 8)
-    config.eval.batch_size = 160
-    config.mixup_alpha = 0.2
-    config.label_smoothing = 0.1
-    config.total_steps = 4
-    config.schedule.warmup_steps = 1
-    config.log_every = 1
-    config.checkpoint_every = 2
-    config.keep_checkpoints = 5
-    config.compilation_cache_dir = cache_dir
-    config.update_from_flattened_dict(overrides)
-    return config
 
 
 def _write_config_file(config, path):
@@ -98,29 +59,28 @@ def _restore_params(config, workdir, step):
     return state, meta
 
 
-def test_one_and_eight_devices_give_the_same_losses(data_dir, cache_dir, tmp_path):
-    config = tiny_config(data_dir, cache_dir, total_steps=3, checkpoint_every=0)
-    config.eval.patch_sizes = (8,)
-    runs = {n: _cli(config, tmp_path / f"run{n}", tmp_path, devices=n) for n in (1, 8)}
-    for n, proc in runs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{n} devices failed:\n{err[-3000:]}"
-        assert "Final test accuracy" in out
-    losses = {n: _metrics(tmp_path / f"run{n}", "train/loss") for n in runs}
-    assert sorted(losses[1]) == [1, 2, 3]
-    np.testing.assert_allclose([losses[8][s] for s in (1, 2, 3)],
-                               [losses[1][s] for s in (1, 2, 3)], rtol=2e-5)
-    finals = {n: json.loads((tmp_path / f"run{n}" / "final_eval.json").read_text()) for n in runs}
-    np.testing.assert_allclose(list(finals[8]["loss"].values()),
-                               list(finals[1]["loss"].values()), rtol=2e-5)
+def test_one_and_eight_devices_give_the_same_losses(tiny_config, trained_run, tmp_path):
+    one_device, final_one = trained_run
+    proc = _cli(tiny_config(), tmp_path / "run8", tmp_path, devices=8)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"8 devices failed:\n{err[-3000:]}"
+    assert "Final test accuracy" in out
+    losses = {1: _metrics(one_device, "train/loss"), 8: _metrics(tmp_path / "run8", "train/loss")}
+    assert sorted(losses[1]) == sorted(losses[8]) == [1, 2, 3, 4]
+    np.testing.assert_allclose([losses[8][s] for s in (1, 2, 3, 4)],
+                               [losses[1][s] for s in (1, 2, 3, 4)], rtol=2e-5)
+    final_eight = json.loads((tmp_path / "run8" / "final_eval.json").read_text())
+    np.testing.assert_allclose(list(final_eight["loss"].values()),
+                               list(final_one["loss"].values()), rtol=2e-5)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(data_dir, cache_dir, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, trained_run,
+                                                             tmp_path):
     from flexvision.train.trainer import train_and_evaluate
 
-    config = tiny_config(data_dir, cache_dir)
-    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    final = train_and_evaluate(config, full)
+    config = tiny_config()
+    full, final = trained_run
+    resumed = str(tmp_path / "resumed")
 
     assert set(final["accuracy"]) == {"4", "8"} and final["step"] == 4
     assert all(0 <= a <= 1 for a in final["accuracy"].values())
@@ -141,8 +101,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(data_dir, cache_dir
         np.testing.assert_array_equal(a, b)
     assert _metrics(resumed, "train/loss")[4] == _metrics(full, "train/loss")[4]
 
+
+def test_evaluate_entry_restores_the_checkpoint(tiny_config, trained_run):
     from flexvision.evaluate import evaluate_checkpoint
-    evaluated = evaluate_checkpoint(config, full, patch_sizes=[8, 16], resolutions=[16, 32])
+
+    full, final = trained_run
+    evaluated = evaluate_checkpoint(tiny_config(), full, patch_sizes=[8, 16],
+                                    resolutions=[16, 32])
     table = evaluated["splits"]["test"]
     assert evaluated["step"] == 4 and set(table["by_resolution"]) == {"16", "32"}
     assert table["accuracy"]["8"] == pytest.approx(final["accuracy"]["8"])
@@ -153,10 +118,10 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(data_dir, cache_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_config, tmp_path):
     from flexvision.engine.checkpoint import Checkpointer
 
-    config = tiny_config(data_dir, cache_dir, total_steps=100_000, checkpoint_every=0)
+    config = tiny_config(total_steps=100_000, checkpoint_every=0)
     workdir = tmp_path / "preempted"
     proc = _cli(config, workdir, tmp_path)
     deadline = time.time() + 240
@@ -176,20 +141,22 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, cache_dir, tmp_path):
     assert not (workdir / "final_eval.json").exists()
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data_dir, cache_dir, tmp_path):
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_config, trained_run,
+                                                            tmp_path):
     from flexvision.engine.checkpoint import Checkpointer
     from flexvision.train.trainer import train_and_evaluate
 
+    # A run that got as far as the checkpoint of step 2, continued with a NaN learning rate.
     workdir = str(tmp_path / "nan")
-    train_and_evaluate(tiny_config(data_dir, cache_dir, total_steps=2), workdir)
+    shutil.copytree(trained_run[0], workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
     with pytest.raises(FloatingPointError, match=r"NaN/Inf between steps 2 and 3.*last good "
                                                  r"checkpoint is step 2"):
-        train_and_evaluate(tiny_config(data_dir, cache_dir, total_steps=6, lr=float("nan")),
-                           workdir)
+        train_and_evaluate(tiny_config(total_steps=6, lr=float("nan")), workdir)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert checkpointer.all_steps() == [2]
     checkpointer.close()
-    state, _ = _restore_params(tiny_config(data_dir, cache_dir, total_steps=2), workdir, 2)
+    state, _ = _restore_params(tiny_config(), workdir, 2)
     assert all(np.isfinite(x).all() for x in jax_leaves(state["params"]))
 
 
@@ -213,13 +180,13 @@ class _TinyBatchNormNet:
         return TinyBatchNormNet(num_classes=num_classes)
 
 
-def test_batchnorm_model_without_patch_size_trains(data_dir, cache_dir, tmp_path, monkeypatch):
+def test_batchnorm_model_without_patch_size_trains(tiny_config, tmp_path, monkeypatch):
     from flexvision.train import trainer as trainer_module
     from flexvision.train.trainer import train_and_evaluate
 
     # Not registered: other test files iterate over every registered model.
     monkeypatch.setattr(trainer_module, "build_model", lambda config: _TinyBatchNormNet.build())
-    config = tiny_config(data_dir, cache_dir, total_steps=2)
+    config = tiny_config(total_steps=2)
     config.model.name = "tiny_batchnorm_net"
     config.model.kwargs = ml_collections.ConfigDict({"num_classes": 10})
     config.eval.patch_sizes = ()

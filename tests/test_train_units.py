@@ -94,18 +94,18 @@ def test_mixup_mixes_neighbours_and_keeps_label_mass():
 
 @pytest.mark.parametrize("name, arg", [("flexivit_digits", None), ("vit_digits", None),
                                        ("flexivit_i1k", None), ("flexivit_i1k", "small,epochs=300"),
-                                       ("vit_i1k", "base,patch=30")])
+                                       ("vit_i1k", "base,patch=30"),
+                                       ("distill_flexivit_i1k", "epochs=30"),
+                                       ("distill_flexivit_digits", "/tmp/teacher")])
 def test_configs_resolve(name, arg):
-    import importlib.util
     import os
 
     import flexvision
     from flexvision.data import ops
+    from flexvision.engine.configs import load_config_module
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                             "configs", f"{name}.py"))
     config = module.get_config(arg)
     assert "python -m flexvision.train --config configs/" in module.__doc__
     ops.parse(config.input.pp)

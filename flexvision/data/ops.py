@@ -302,3 +302,216 @@ def get_copy(inkey: str, outkey: str):
         data[outkey] = data[inkey]
         return data
     return _op
+
+
+# ----------------------------------------------------------------------------- detection ops
+#
+# Instance data (boxes, labels, masks) travels with the image under fixed keys, and every op
+# that moves pixels moves the instances with them:
+#   image [H, W, C], boxes [N, 4] float32 (x1, y1, x2, y2 pixels), labels [N] int32,
+#   masks [N, H, W] uint8 in {0, 1}, is_crowd [N] bool;
+# after det_pad also valid [K] bool (K = capacity) and image_size [2] int32 (unpadded H, W).
+# Boxes stay the tight boxes of their masks (as flexvision.data.coco.boxes_from_masks computes
+# them) through every op; instances whose mask loses all its pixels are dropped.
+
+_INSTANCE_KEYS = ("boxes", "labels", "masks", "is_crowd")
+
+
+def _check_instances(data: dict, op: str):
+    missing = [k for k in ("image",) + _INSTANCE_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{op} needs the keys {missing}; run 'det_instances' after 'decode' "
+                         f"first (it unpacks the dataset's 'objects')")
+
+
+def _tight_boxes(masks: tf.Tensor) -> tf.Tensor:
+    """Tight (x1, y1, x2, y2) boxes of [N, H, W] masks (zeros for empty masks), float32."""
+    masks = tf.cast(masks, tf.bool)
+    h, w = tf.shape(masks)[1], tf.shape(masks)[2]
+    rows, cols = tf.reduce_any(masks, axis=2), tf.reduce_any(masks, axis=1)
+
+    def _span(hit, n):
+        index = tf.range(n)[None]
+        first = tf.reduce_min(tf.where(hit, index, n), axis=1)
+        last = tf.reduce_max(tf.where(hit, index, -1), axis=1) + 1
+        empty = tf.logical_not(tf.reduce_any(hit, axis=1))
+        return (tf.cast(tf.where(empty, 0, first), tf.float32),
+                tf.cast(tf.where(empty, 0, last), tf.float32))
+    y1, y2 = _span(rows, h)
+    x1, x2 = _span(cols, w)
+    return tf.stack([x1, y1, x2, y2], axis=1)
+
+
+def _drop_empty(data: dict) -> dict:
+    """Removes instances whose mask has no pixel left."""
+    keep = tf.reduce_any(tf.cast(data["masks"], tf.bool), axis=[1, 2])
+    for k in _INSTANCE_KEYS:
+        data[k] = tf.boolean_mask(data[k], keep)
+    return data
+
+
+@register_op("det_instances")
+def get_det_instances(key: str = "objects"):
+    """Unpacks a TFDS instance sequence (``box``, ``label``, ``mask`` [N, H, W, 1],
+    ``is_crowd``; see flexvision.data.instances) into the detection keys above. Needs the
+    decoded image (run ``decode`` first)."""
+    def _op(data):
+        if key not in data:
+            raise ValueError(f"det_instances: no {key!r} in the example (has {sorted(data)})")
+        objects = data.pop(key)
+        data["boxes"] = tf.reshape(tf.cast(objects["box"], tf.float32), [-1, 4])
+        data["labels"] = tf.cast(objects["label"], tf.int32)
+        if data["image"].dtype == tf.string:
+            raise ValueError("det_instances needs the decoded image: put 'decode' before it")
+        # reshaping gives an image without instances masks of shape [0, H, W] (TFDS decodes an
+        # empty sequence of images to [0, 0, 0, 1]).
+        image_shape = tf.shape(data["image"])
+        data["masks"] = tf.reshape(tf.cast(objects["mask"], tf.uint8),
+                                   [-1, image_shape[0], image_shape[1]])
+        data["is_crowd"] = tf.cast(objects["is_crowd"], tf.bool)
+        return data
+    return _op
+
+
+def _flip(axis: int, name: str):
+    def _op(data):
+        _check_instances(data, name)
+        do_flip = tf.random.stateless_uniform([], seed=_split_rng(data)) < 0.5
+
+        def flipped():
+            image, masks, boxes = data["image"], data["masks"], data["boxes"]
+            extent = tf.cast(tf.shape(image)[1 - axis], tf.float32)  # W for lr, H for ud
+            lo, hi = (0, 2) if axis == 0 else (1, 3)
+            new_lo, new_hi = extent - boxes[:, hi], extent - boxes[:, lo]
+            columns = [boxes[:, i] for i in range(4)]
+            columns[lo], columns[hi] = new_lo, new_hi
+            return (tf.reverse(image, [1 - axis]), tf.reverse(masks, [2 - axis]),
+                    tf.stack(columns, axis=1))
+        image, masks, boxes = tf.cond(do_flip, flipped,
+                                      lambda: (data["image"], data["masks"], data["boxes"]))
+        data["image"], data["masks"], data["boxes"] = image, masks, boxes
+        return data
+    return _op
+
+
+@register_op("det_flip_lr")
+def get_det_flip_lr():
+    """Flips image, masks and boxes left-right together with probability 1/2."""
+    return _flip(0, "det_flip_lr")
+
+
+@register_op("det_flip_ud")
+def get_det_flip_ud():
+    """Flips image, masks and boxes upside-down together with probability 1/2."""
+    return _flip(1, "det_flip_ud")
+
+
+def _fit_size(data: dict, target_h: int, target_w: int, scale) -> tf.Tensor:
+    """(H', W') = round((H, W) * scale * min(H_t / H, W_t / W)), at least 1."""
+    h = tf.cast(tf.shape(data["image"])[0], tf.float32)
+    w = tf.cast(tf.shape(data["image"])[1], tf.float32)
+    factor = tf.minimum(target_h / h, target_w / w) * scale
+    return tf.maximum(1, tf.cast(tf.round(tf.stack([h, w]) * factor), tf.int32))
+
+
+def _resize_instances(data: dict, new_size: tf.Tensor, method: str) -> dict:
+    """Resizes the image (``method``, antialiased) and masks (bilinear, binarised at 1/2) to
+    ``new_size``; boxes become the masks' tight boxes; emptied instances are dropped."""
+    data["image"] = _resize(data["image"], new_size, method)
+    masks = tf.image.resize(tf.cast(data["masks"][..., None], tf.float32), new_size,
+                            method="bilinear")[..., 0]
+    data["masks"] = tf.cast(masks >= 0.5, tf.uint8)
+    data["boxes"] = _tight_boxes(data["masks"])
+    return _drop_empty(data)
+
+
+@register_op("det_resize")
+def get_det_resize(size, method: str = "bilinear"):
+    """Resizes image and instances to the largest size within ``size`` keeping the aspect
+    ratio (deterministic, e.g. for evaluation). Masks are resized bilinearly and binarised at
+    1/2, boxes recomputed as their tight boxes, instances left without pixels dropped."""
+    target_h, target_w = to_pair(size)
+    method = _check_method(method)
+
+    def _op(data):
+        _check_instances(data, "det_resize")
+        return _resize_instances(data, _fit_size(data, target_h, target_w, 1.0), method)
+    return _op
+
+
+@register_op("det_scale_jitter")
+def get_det_scale_jitter(size, min_scale: float = 0.5, max_scale: float = 2.0,
+                         method: str = "bilinear"):
+    """Large-scale jitter (Ghiasi et al. 2021, "Simple Copy-Paste", Sec. 3.1).
+
+    Resizes the image by ``s * min(H_t / H, W_t / W)`` with ``s`` uniform in
+    [``min_scale``, ``max_scale``] and (H_t, W_t) = ``size``, then crops a uniformly placed
+    window of at most ``size``. Masks are resized bilinearly and binarised at 1/2, boxes are
+    recomputed as the masks' tight boxes, instances left without pixels are dropped. Follow it
+    with ``det_pad(size, capacity)`` for a fixed shape.
+    """
+    target_h, target_w = to_pair(size)
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale!r}, {max_scale!r}")
+    method = _check_method(method)
+
+    def _op(data):
+        _check_instances(data, "det_scale_jitter")
+        scale = tf.random.stateless_uniform([], seed=_split_rng(data), minval=min_scale,
+                                            maxval=max_scale)
+        new_size = _fit_size(data, target_h, target_w, scale)
+        new_h, new_w = new_size[0], new_size[1]
+        crop_h, crop_w = tf.minimum(new_h, target_h), tf.minimum(new_w, target_w)
+        offset = tf.random.stateless_uniform([2], seed=_split_rng(data))
+        top = tf.cast(offset[0] * tf.cast(new_h - crop_h + 1, tf.float32), tf.int32)
+        left = tf.cast(offset[1] * tf.cast(new_w - crop_w + 1, tf.float32), tf.int32)
+        top, left = tf.minimum(top, new_h - crop_h), tf.minimum(left, new_w - crop_w)
+        data = _resize_instances(data, new_size, method)
+        data["image"] = data["image"][top:top + crop_h, left:left + crop_w]
+        data["masks"] = data["masks"][:, top:top + crop_h, left:left + crop_w]
+        data["boxes"] = _tight_boxes(data["masks"])
+        return _drop_empty(data)
+    return _op
+
+
+@register_op("det_pad")
+def get_det_pad(size, max_instances: int):
+    """Pads the image (zeros, bottom/right) to ``size`` and the instances to ``max_instances``.
+
+    Adds ``valid`` [max_instances] (True for real instances) and ``image_size`` [2] (the
+    unpadded height, width). Padded instances have zero boxes, masks, labels. An image larger
+    than ``size`` or with more than ``max_instances`` instances fails (InvalidArgumentError):
+    resize/crop first (e.g. det_scale_jitter) or raise the capacity.
+    """
+    target_h, target_w = to_pair(size)
+    if not isinstance(max_instances, int) or isinstance(max_instances, bool) or max_instances < 1:
+        raise ValueError(f"max_instances must be a positive int, got {max_instances!r}")
+
+    def _op(data):
+        _check_instances(data, "det_pad")
+        image = data["image"]
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        n = tf.shape(data["boxes"])[0]
+        checks = [
+            tf.debugging.assert_less_equal(
+                tf.stack([h, w]), tf.constant([target_h, target_w]),
+                message=f"det_pad({(target_h, target_w)}): the image is larger; resize or crop "
+                        f"it first"),
+            tf.debugging.assert_less_equal(
+                n, max_instances,
+                message=f"det_pad: more instances than max_instances={max_instances}; raise "
+                        f"the capacity"),
+        ]
+        with tf.control_dependencies(checks):
+            data["image"] = tf.pad(image, [[0, target_h - h], [0, target_w - w], [0, 0]])
+            extra = max_instances - n
+        data["image"].set_shape([target_h, target_w, image.shape[-1]])
+        data["masks"] = tf.pad(data["masks"], [[0, extra], [0, target_h - h], [0, target_w - w]])
+        data["masks"].set_shape([max_instances, target_h, target_w])
+        for k, tail in (("boxes", [[0, 0]]), ("labels", []), ("is_crowd", [])):
+            data[k] = tf.pad(data[k], [[0, extra]] + tail)
+            data[k].set_shape([max_instances] + data[k].shape[1:].as_list())
+        data["valid"] = tf.range(max_instances) < n
+        data["image_size"] = tf.stack([h, w])
+        return data
+    return _op

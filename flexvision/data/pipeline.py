@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from flexvision.data import digits, ops
+from flexvision.data import digits, instances, ops
 
 # TensorFlow must not grab accelerators that JAX uses.
 try:
@@ -24,11 +24,28 @@ try:
 except RuntimeError:  # TensorFlow's runtime was already initialised by the caller.
     pass
 
-_LOCAL_BUILDERS = {digits.NAME: digits.FlexvisionDigits, "digits": digits.FlexvisionDigits}
+_LOCAL_BUILDERS = {digits.NAME: digits.FlexvisionDigits, "digits": digits.FlexvisionDigits,
+                   instances.NAME: instances.FlexvisionInstances,
+                   "nuclei": instances.FlexvisionInstances}
+COCO = "coco"  # input.name for your own COCO-format data, described by input.coco
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for ``name``; the embedded datasets are built locally on first use."""
+def get_builder(name: str, data_dir: str | None = None, coco=None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for ``name``; the embedded datasets are built locally on first use.
+
+    ``name="coco"`` builds your COCO-format data locally: ``coco`` gives the arguments of
+    :func:`flexvision.data.instances.coco_config` (name, image_dir, annotation_files, and
+    optionally class_names, channels, version).
+    """
+    if name == COCO:
+        if not coco:
+            raise ValueError("input.name='coco' needs input.coco = dict(name=..., image_dir=..., "
+                             "annotation_files={'train': ..., 'test': ...}) describing the data")
+        builder = instances.FlexvisionInstances(data_dir=data_dir,
+                                                config=instances.coco_config(**dict(coco)))
+        if jax.process_index() == 0 or not tf.io.gfile.exists(builder.data_path):
+            builder.download_and_prepare()
+        return builder
     if name in _LOCAL_BUILDERS:
         builder = _LOCAL_BUILDERS[name](data_dir=data_dir)
         if jax.process_index() == 0 or not tf.io.gfile.exists(builder.data_path):
@@ -38,7 +55,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(f"unknown dataset {name!r}: {err}. Built-in datasets that need no "
-                         f"download: {sorted(_LOCAL_BUILDERS)}") from None
+                         f"download: {sorted(_LOCAL_BUILDERS)} and {COCO!r} for your own "
+                         f"COCO-format files") from None
     if not tf.io.gfile.exists(builder.data_path):
         raise ValueError(f"dataset {name!r} is not prepared under data_dir={data_dir!r} "
                          f"({builder.data_path} is missing). Prepare it once with "
@@ -100,7 +118,8 @@ def train_dataset(input_config, seed: int, start_step: int = 0) -> tf.data.Datas
 
     ``input_config`` fields: name, split, data_dir, pp, batch_size (global), shuffle_buffer.
     """
-    builder = get_builder(input_config.name, input_config.get("data_dir"))
+    builder = get_builder(input_config.name, input_config.get("data_dir"),
+                          input_config.get("coco"))
     split = host_split(input_config.split)
     size = num_examples(builder, split)
     batch = local_batch_size(input_config.batch_size)
@@ -129,7 +148,8 @@ def eval_batches(input_config, pp: str, split: str, batch_size: int,
     Every process yields the same number of batches (padding with empty ones if its slice is
     shorter), so collective eval steps line up across hosts.
     """
-    builder = get_builder(input_config.name, input_config.get("data_dir"))
+    builder = get_builder(input_config.name, input_config.get("data_dir"),
+                          input_config.get("coco"))
     local = local_batch_size(batch_size)
     total = num_examples(builder, split)
     per_process = -(-total // jax.process_count())

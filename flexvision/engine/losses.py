@@ -58,6 +58,16 @@ def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
     return lambda logits, labels: base(logits, smooth_labels(labels, label_smoothing))
 
 
+def mean_over_heads(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` for models whose train-mode output is a tuple of logits, one per head
+    (DeiT-distilled: class and distillation tokens): the per-example mean over the heads. A
+    single logits array passes through unchanged."""
+    def loss(outputs, labels):
+        heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return sum(loss_fn(h, labels) for h in heads) / len(heads)
+    return loss
+
+
 def make_loss(config) -> LossFn:
     """The per-example loss from ``config.loss`` (default softmax_xent) and
     ``config.label_smoothing``."""

@@ -41,13 +41,18 @@ def make_init_fn(model: nn.Module, tx, image_shape: tuple[int, ...], seed: int) 
     def init():
         rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
         variables = model.init(rngs, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-        variables = dict(variables)
-        state = {"step": jnp.zeros((), jnp.int32), "params": variables.pop("params")}
-        state["opt_state"] = tx.init(state["params"])
-        if "batch_stats" in variables:
-            state["batch_stats"] = variables.pop("batch_stats")
-        return state
+        return train_state(variables, tx)
     return init
+
+
+def train_state(variables: dict, tx) -> dict:
+    """The step-0 train state of model ``variables`` ({"params", ["batch_stats"]}) under the
+    optax transformation ``tx`` (its ``init`` on the params)."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"]}
+    state["opt_state"] = tx.init(state["params"])
+    if "batch_stats" in variables:
+        state["batch_stats"] = variables["batch_stats"]
+    return state
 
 
 def _shardings(init: Callable, config, mesh) -> tuple[Any, Any]:

@@ -1,8 +1,11 @@
 """Multi-head attention on top of ``jax.nn.dot_product_attention``, and relative-position helpers
 (index tables and bias assembly; the tables' resizing lives in flexvision/layers/flex.py).
 
-``jax.nn.dot_product_attention`` picks the fused cuDNN kernel on GPUs and XLA elsewhere, so every
-attention in flexvision goes through :func:`dot_product_attention` below.
+Every attention in flexvision goes through :func:`dot_product_attention` below. On GPU it calls
+``jax.nn.dot_product_attention`` with ``implementation=None``, which is XLA's own path (jax's
+source: "defaults to XLA for now"), not the fused cuDNN kernel: that one needs an explicit
+``implementation="cudnn"`` and fp16/bf16 inputs, and flexvision does not request it. Elsewhere it
+uses :func:`heads_major_attention`, the same math in a layout XLA's CPU backend runs faster.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     dtype = q.dtype
     if bias is not None:
         bias = bias.astype(dtype)
-    if jax.default_backend() == "gpu":  # the fused cuDNN kernel where there is one
+    if jax.default_backend() == "gpu":  # jax.nn's XLA path (implementation=None), see above
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale
                                             ).astype(dtype)
     return heads_major_attention(q, k, v, bias=bias, mask=mask, scale=scale).astype(dtype)
@@ -46,8 +49,8 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     jax.nn's XLA path vmaps over a query-group axis and contracts probs with v straight into the
     (B, T, heads, head_dim) layout; XLA's CPU backend runs that contraction ~2.3x slower than this
     form (ViT-S/16 attention at batch 32: 67 ms vs 29 ms per block, measured interleaved with
-    flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` keeps jax.nn for
-    its fused kernel.
+    flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` keeps jax.nn's
+    own XLA path (not measured against this form there).
     """
     head_dim = q.shape[-1]
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else scale

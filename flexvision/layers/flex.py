@@ -50,10 +50,12 @@ def to_pair(value: int | Sequence[int], what: str = "size", minimum: int = 1) ->
           and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise ValueError(f"{what} must be an int or a pair of ints (height, width), got {value!r}")
+        kind = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{what} must be a {kind} int or a pair of {kind} ints (height, width), "
+                         f"got {value!r}")
     if min(pair) < minimum:
-        bound = "positive" if minimum == 1 else f"at least {minimum}"
-        raise ValueError(f"{what} must be {bound}, got {value!r}")
+        raise ValueError(f"{what} must be {'positive' if minimum == 1 else f'>= {minimum}'}, "
+                         f"got {value!r}")
     return pair
 
 
@@ -279,6 +281,15 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Ar
     rows = jnp.asarray(resize_matrix_1d(in_h, out_h, "torch_bilinear"), x.dtype)
     cols = jnp.asarray(resize_matrix_1d(in_w, out_w, "torch_bilinear"), x.dtype)
     return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x, precision=precision)
+
+
+def bilinear_resize_kernel(kernel_hwio: jax.Array, new_patch: int) -> jax.Array:
+    """The naive alternative to :func:`pi_resize_kernel`: resize a patch-embedding kernel
+    (kh, kw, in, out) to ``new_patch`` x ``new_patch`` like an image (bilinear, no antialias).
+    Token norms then scale with the patch area, which PI-resize avoids (FlexiViT, arXiv
+    2212.08013, Sec. 3.4); kept for that comparison (experiments/patch_size_sweep.py)."""
+    return jax.image.resize(kernel_hwio, (new_patch, new_patch, *kernel_hwio.shape[2:]),
+                            "bilinear", antialias=False)
 
 
 def resize_images(images: jax.Array, size: int | Sequence[int] | None) -> jax.Array:

@@ -1,1 +1,5 @@
-"""Training: trainer loop, steps, patch-size schedule, distillation, sharding, checkpoints, evals."""
+"""The training application: the loop (trainer.py), task objectives (objective.py,
+distillation in distill.py), metric logging (metrics.py) and the entry point
+``python -m flexvision.train``. Its machinery (state, step, optimizer, losses, schedule,
+sharding, checkpoints, evals) is the library ``flexvision.engine``; nothing outside this package
+imports it."""

@@ -280,13 +280,12 @@ def distillation(config, student: nn.Module, mesh) -> Objective:
     label_loss = make_loss(config)
     loss_fn = make_distill_loss(float(distill.get("temperature", 1.0)),
                                 float(distill.get("label_weight", 0.0) or 0.0), label_loss)
-    params_init_fn = None
-    if distill.get("init_from_teacher", False):
-        def params_init_fn(student_params, image_shape):
-            image_size = int(distill.teacher.get("resolution", None) or
-                             config.get("distill_image_size", 0) or image_shape[0])
-            return init_student_from_teacher(student, student_params, teacher,
-                                             teacher.variables["params"], image_size)
+
+    def init_from_teacher(student_params, image_shape):
+        image_size = int(distill.teacher.get("resolution", None) or
+                         config.get("distill_image_size", 0) or image_shape[0])
+        return init_student_from_teacher(student, student_params, teacher,
+                                         teacher.variables["params"], image_size)
 
     def report(final):
         print(format_comparison(final, f"Distillation vs teacher ({final['split']}):"),
@@ -295,7 +294,9 @@ def distillation(config, student: nn.Module, mesh) -> Objective:
     return Objective("distillation", loss_fn,
                      DistillEvaluator(student, label_loss, config, mesh, teacher),
                      targets_fn=make_teacher_targets(teacher), frozen=teacher.variables,
-                     params_init_fn=params_init_fn, report=report)
+                     params_init_fn=(init_from_teacher if distill.get("init_from_teacher", False)
+                                     else None),
+                     report=report)
 
 
 __all__ = ["make_teacher_targets", "Teacher", "load_teacher", "init_student_from_teacher",
