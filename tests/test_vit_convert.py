@@ -209,7 +209,11 @@ def test_timm_kwargs_translate_to_the_config():
     assert not gap["posemb_prefix"] and gap["posemb_grid"] == (16, 16) and gap["mlp_dim"] == 384
     flexi = timm_config("flexivit_small", patch_size=8)
     assert flexi["patch_size"] == (8, 8) and flexi["posemb_grid"] == (30, 30)
-    with pytest.raises(ValueError, match=r"global_pool='max' is not supported; accepted"):
-        timm_config("vit_small_patch16_224", global_pool="max")
+    with pytest.raises(ValueError, match=r"global_pool='mean' is not supported; accepted"):
+        timm_config("vit_small_patch16_224", global_pool="mean")
+    for pool, fc_norm in (("max", True), ("avgmax", True), ("map", False), ("prr", False)):
+        config = timm_config("vit_small_patch16_224", global_pool=pool, class_token=False,
+                             pool_include_prefix=True)
+        assert (config["fc_norm"], config["pool_include_prefix"]) == (fc_norm, True)
     with pytest.raises(ValueError, match=r"timm kwarg init_values other than None"):
         timm_config("vit_small_patch16_224", init_values=1e-5)

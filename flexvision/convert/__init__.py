@@ -7,7 +7,10 @@
     logits = model.apply(variables, images_nhwc)
 
 ``state_dict`` is a mapping name -> array (numpy, jax or torch) or a path to a .safetensors or
-.npz file. Each family's importer lives in its own file here and registers itself.
+.npz file; a checkpoint that nests it ({'model': sd, 'optimizer': ...}, 'state_dict',
+'model_ema', a 'module.' prefix) is unwrapped, and a truncated or corrupted file is a ValueError
+naming it (:func:`load_state_dict`). Each family's importer lives in its own file here and
+registers itself.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from flexvision.layers.flex import RESIZE_METHODS, FlexiPatchEmbed, resample_pos
 from flexvision.layers.mlp import Mlp, gelu_exact
 from flexvision.registry import register_model, register_name_resolver
 
-POOL_TYPES = ("tok", "gap", "map", "none")
+POOL_TYPES = ("tok", "gap", "max", "avgmax", "map", "prr", "none")
 _TOKEN_AXES = ("batch", "tokens", "embed")
 
 
@@ -111,6 +111,20 @@ class MAPHead(nn.Module):
         return out[:, 0]
 
 
+def prr_pool(tokens: jax.Array, num_heads: int, reduce: str) -> jax.Array:
+    """Patch Representation Refinement pooling (timm layers/attention_pool.py AttentionPoolPrr,
+    from "Locality-Attending Vision Transformer", ICLR 2026), without its optional norms.
+
+    tokens (B, T, D) split into ``num_heads`` heads attend to themselves with no projections
+    (q = k = v), then ``reduce`` 'tok' takes token 0 and 'gap' the mean over all T tokens.
+    Returns (B, D).
+    """
+    batch, length, width = tokens.shape
+    heads = tokens.reshape(batch, length, num_heads, width // num_heads)
+    refined = dot_product_attention(heads, heads, heads).reshape(batch, length, width)
+    return refined[:, 0] if reduce == "tok" else jnp.mean(refined, axis=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT / DeiT / FlexiViT with any input size and any (static) patch size per call.
 
@@ -119,15 +133,22 @@ class VisionTransformer(nn.Module):
       patch_size: base patch size of the one stored kernel (pair).
       posemb_grid: grid (h, w) of the stored position embedding.
       width, depth, num_heads, mlp_dim: transformer size.
-      pool_type: 'tok' (class token), 'gap' (mean of patch tokens), 'map' (attention pooling),
-        'none' (every token; the head is applied per token).
+      pool_type: 'tok' (class token), 'gap' (mean of the tokens), 'max' (their maximum),
+        'avgmax' ((mean + max) / 2), 'map' (attention pooling by a learned probe), 'prr'
+        (parameter-free self-attention over every token, then the class token or the mean:
+        timm's AttentionPoolPrr), 'none' (every token; the head is applied per token).
+      pool_include_prefix: 'gap', 'max', 'avgmax' and 'map' pool the prefix tokens (class,
+        distillation, registers) with the patch tokens; False (timm's default) pools the patch
+        tokens only. 'tok', 'prr' and 'none' do not read it (timm: VisionTransformer.pool).
       class_token, dist_token, num_reg_tokens: prefix tokens (dist_token = DeiT).
       posemb_prefix: the position embedding has entries for the prefix tokens (timm default);
         False = timm ``no_embed_class`` / big_vision.
       resize: 'timm' or 'big_vision': whose interpolation PI-resize and posemb resampling
         reproduce.
-      fc_norm: the final norm is applied after pooling (timm's default for 'gap') instead of to
-        every token before pooling (big_vision, timm 'token'/'map').
+      dynamic_img_pad: zero-pad images at the bottom/right to a multiple of the patch size
+        (timm ``dynamic_img_pad``) instead of raising when the patch does not tile them.
+      fc_norm: the final norm is applied after pooling (timm's default for 'gap', 'max' and
+        'avgmax') instead of to every token before pooling (big_vision, timm 'token'/'map').
       gelu_approximate: tanh GELU (big_vision) instead of the exact erf GELU (timm).
       distilled_training: with dist_token, ``train=True`` returns (cls_logits, dist_logits).
     """
@@ -140,11 +161,13 @@ class VisionTransformer(nn.Module):
     num_heads: int = 12
     mlp_dim: int | None = None
     pool_type: str = "tok"
+    pool_include_prefix: bool = False
     class_token: bool = True
     dist_token: bool = False
     num_reg_tokens: int = 0
     posemb_prefix: bool = True
     resize: str = "timm"
+    dynamic_img_pad: bool = False
     in_chans: int = 3
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -187,7 +210,8 @@ class VisionTransformer(nn.Module):
                              f"{tuple(getattr(images, 'shape', ()))!r}")
         dtype = self.dtype or jnp.float32
         patch_map = FlexiPatchEmbed(self.width, to_pair(self.patch_size, "patch_size"),
-                                    in_chans=self.in_chans, resize=self.resize, dtype=self.dtype,
+                                    in_chans=self.in_chans, resize=self.resize,
+                                    dynamic_img_pad=self.dynamic_img_pad, dtype=self.dtype,
                                     name="patch_embed")(images, patch_size)
         batch, grid_h, grid_w, _ = patch_map.shape
         tokens = patch_map.reshape(batch, grid_h * grid_w, self.width)
@@ -232,18 +256,31 @@ class VisionTransformer(nn.Module):
         return tokens
 
     def _pool(self, tokens: jax.Array) -> jax.Array:
-        """Pre-logits from the encoded tokens according to ``pool_type``."""
+        """Pre-logits from the encoded tokens (B, prefix + h*w, D) according to ``pool_type``.
+
+        timm vision_transformer.py VisionTransformer.pool / global_pool_nlc: the reductions and
+        attention pooling see the patch tokens only unless ``pool_include_prefix``.
+        """
         if self.pool_type == "tok":
             pooled = tokens[:, 0]
-        elif self.pool_type == "gap":
-            pooled = jnp.mean(tokens[:, self.num_prefix_tokens:], axis=1)
-        elif self.pool_type == "map":
-            pooled = MAPHead(self.num_heads, self.mlp_dim or 4 * self.width,
-                             layer_norm_eps=self.layer_norm_eps,
-                             gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                             name="attn_pool")(tokens)
-        else:
+        elif self.pool_type == "none":
             pooled = tokens
+        elif self.pool_type == "prr":
+            pooled = prr_pool(tokens, self.num_heads, "tok" if self.class_token else "gap")
+        else:
+            if not self.pool_include_prefix:
+                tokens = tokens[:, self.num_prefix_tokens:]
+            if self.pool_type == "gap":
+                pooled = jnp.mean(tokens, axis=1)
+            elif self.pool_type == "max":
+                pooled = jnp.max(tokens, axis=1)
+            elif self.pool_type == "avgmax":
+                pooled = 0.5 * (jnp.max(tokens, axis=1) + jnp.mean(tokens, axis=1))
+            else:
+                pooled = MAPHead(self.num_heads, self.mlp_dim or 4 * self.width,
+                                 layer_norm_eps=self.layer_norm_eps,
+                                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                                 name="attn_pool")(tokens)
         if self.fc_norm:
             pooled = layer_norm(self.layer_norm_eps, dtype=self.dtype, name="fc_norm")(pooled)
         return pooled
