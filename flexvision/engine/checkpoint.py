@@ -107,7 +107,12 @@ class Checkpointer:
         if jax.process_index() == 0:
             for step in pending:
                 if os.path.isdir(self.step_dir(step)):  # not already rotated out by max_to_keep
-                    integrity.write_manifest(self.step_dir(step))
+                    try:
+                        integrity.write_manifest(self.step_dir(step))
+                    except OSError as err:  # e.g. the disk filled up right after orbax's write
+                        self._failed = True
+                        self._manager.close()
+                        raise integrity.write_error(err, self.directory, step) from err
 
     def close(self) -> None:
         if self._failed:

@@ -228,7 +228,7 @@ def restore_newest_good(steps: list[int], step_dir: Callable[[int], str],
 
 
 _OS_ERROR = re.compile(r"os_error_code='?(\d+)")
-_FAILED_PATH = re.compile(r'(?:Failed writing|Error writing[^"]*at local file|writing)[^"]*"([^"]+)"')
+_FAILED_PATH = re.compile(r'(?:Failed writing|writing)[^"]*"([^"]+)"')  # tensorstore's wording
 
 
 def os_error_text(err: BaseException) -> str:

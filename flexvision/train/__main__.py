@@ -5,10 +5,13 @@ argument ``--config.model.kwargs.width=120``, tuples ``--config.flexi.probs=(1,1
 Rerunning the same command on the same workdir resumes from its latest checkpoint; resuming
 with changed run-defining keys (seed, batch size, patch sizes, model, ...) needs
 ``--allow_config_change`` (every config is kept in DIR/config_history.jsonl). Mistakes in flags,
-config values or the workdir end with one ``error: ...`` line and exit status 2. Multi-host: start one process
-per host with the same flags; :func:`flexvision.train.distributed.initialize` connects them
-from ``config.distributed``, the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-environment variables, or an auto-detected cluster (TPU pod, SLURM, Open MPI); docs/sharding.md.
+config values or the workdir end with one ``error: ...`` line and exit status 2.
+
+Multi-host: start one process per host with the same flags;
+:func:`flexvision.engine.distributed.initialize` connects them from ``config.distributed``, the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables, or an
+auto-detected cluster (TPU pod, SLURM, Open MPI); docs/sharding.md. The processes of one run
+share its workdir (process 0 holds the lock for all).
 """
 
 from __future__ import annotations
