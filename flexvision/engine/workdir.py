@@ -167,14 +167,15 @@ def clean_stale_tmp(checkpoints_dir: str) -> list[str]:
 
 
 def check_writable(directory: str) -> None:
-    """Creates ``directory`` if needed and writes/removes a probe file in it; CheckpointWrite
-    error naming the folder and the OS error when it cannot (read-only mount, permissions,
-    full disk), so that the run stops before training instead of at its first save."""
+    """Writes and removes a probe file in ``directory`` (in its parent while it does not exist
+    yet: nothing is created); CheckpointWriteError naming the folder and the OS error when it
+    cannot (read-only mount, permissions, full disk), so that the run stops before training
+    instead of at its first save."""
     from flexvision.engine.integrity import CheckpointWriteError, os_error_text
 
-    probe = os.path.join(directory, f".write_probe_{os.getpid()}")
+    where = directory if os.path.isdir(directory) else os.path.dirname(directory.rstrip("/"))
+    probe = os.path.join(where, f".write_probe_{os.getpid()}")
     try:
-        os.makedirs(directory, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
             f.flush()
