@@ -1,7 +1,7 @@
 """Faults and mistakes (issue 20, items 1-10): a workdir is never lost or corrupted, and every
 mistake ends in one clear message.
 
-One tiny run (a 1-block width-16 FlexiViT on 16 px digits, 4 steps, a checkpoint every step) is
+One tiny run (a 1-block micro FlexiViT on 16 px digits, 4 steps, a checkpoint every step) is
 trained once per session; each test works on its own copy. Kills, concurrent runs, read-only
 and full disks run in subprocesses (the full disk is a small tmpfs mounted in a private mount
 namespace with ``unshare``; the test is skipped where user namespaces are not available).
@@ -10,6 +10,7 @@ namespace with ``unshare``; the test is skipped where user namespaces are not av
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,10 +42,10 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, cache_dir, **overrides):
-    """The demo config shrunk to seconds: width 16, depth 1, 16 px, patch size 8."""
+    """The demo config shrunk to seconds: one block (micro width), MLP 32, 16 px, patch 8."""
     config = flexivit_digits.get_config()
     config.model.kwargs = ml_collections.ConfigDict(
-        {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32})
+        {"num_classes": 10, "depth": 1, "num_heads": 2, "mlp_dim": 32})
     config.input.data_dir = data_dir
     config.input.pp = "decode|resize(16)|value_range(-1, 1)|onehot(10)"
     config.input.batch_size = 16
@@ -355,12 +356,13 @@ def test_resume_with_another_model_or_optimizer_names_the_leaves(trained, tmp_pa
     before = open(os.path.join(workdir, "config.json")).read()
     directory = os.path.join(workdir, "checkpoints")
     wider = tiny_config(config.input.data_dir, config.compilation_cache_dir)
-    wider.model.kwargs.width = 24
+    wider.model.kwargs.mlp_dim = 48
     with pytest.raises(IncompatibleCheckpointError) as err:
         train_and_evaluate(wider, workdir)
     assert str(err.value).startswith(f"checkpoint step 4 in {directory} was written for another "
-                                     f"model/optimizer: ")
-    assert "shape (16,) vs (24,)" in str(err.value)
+                                     f"model/optimizer: params/")
+    assert re.search(r"params/\S+: shape \(([0-9]+, )?32,?\) vs \(([0-9]+, )?48,?\)",
+                     str(err.value)), str(err.value)
     assert str(err.value).endswith("use a new workdir or the same config")
     sgd = tiny_config(config.input.data_dir, config.compilation_cache_dir)
     sgd.optax.name, sgd.optax.kwargs = "sgd", ml_collections.ConfigDict({"momentum": 0.9})
@@ -493,13 +495,13 @@ def test_documented_override_forms_work(trained, tmp_path):
 
     config, _ = trained
     path = _config_file(config, tmp_path / "c.py")
-    parsed = _parse(["--config.model.kwargs.num_reg_tokens=2", "--config.model.kwargs.width=32",
+    parsed = _parse(["--config.model.kwargs.num_reg_tokens=2", "--config.model.kwargs.mlp_dim=64",
                      "--config.flexi.probs=(3,)", "--config.total_steps=7"], path)
     validate_config(parsed)
-    assert parsed.model.kwargs.num_reg_tokens == 2 and parsed.model.kwargs.width == 32
+    assert parsed.model.kwargs.num_reg_tokens == 2 and parsed.model.kwargs.mlp_dim == 64
     assert tuple(parsed.flexi.probs) == (3,) and parsed.total_steps == 7
     model = flexvision.create_model(parsed.model.name, **parsed.model.kwargs)
-    assert model.num_reg_tokens == 2 and model.width == 32
+    assert model.num_reg_tokens == 2 and model.mlp_dim == 64
 
 
 @pytest.mark.parametrize("arg,first_line", [

@@ -1,7 +1,7 @@
 r"""Command line: ``python -m flexvision.train --config configs/NAME.py[:arg] --workdir DIR``.
 
 Overrides: ``--config.total_steps=300 --config.input.batch_size=32``, any model constructor
-argument ``--config.model.kwargs.width=120``, tuples ``--config.flexi.probs=(1,1,2,2,1,1)``.
+argument ``--config.model.kwargs.num_reg_tokens=4``, tuples ``--config.flexi.probs=(1,1,2,2,1,1)``.
 Rerunning the same command on the same workdir resumes from its latest checkpoint; resuming
 with changed run-defining keys (seed, batch size, patch sizes, model, ...) needs
 ``--allow_config_change`` (every config is kept in DIR/config_history.jsonl). Mistakes in flags,
