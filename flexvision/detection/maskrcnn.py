@@ -104,18 +104,22 @@ class MaskRCNN(nn.Module):
         return losses
 
 
-def build_maskrcnn(backbone: str, num_classes: int = 91, *, neck_channels: int = 256,
+def build_maskrcnn(backbone: str | nn.Module, num_classes: int = 91, *, neck_channels: int = 256,
                    backbone_overrides: Mapping[str, Any] | None = None,
                    neck_overrides: Mapping[str, Any] | None = None,
                    rpn_overrides: Mapping[str, Any] | None = None,
                    roi_overrides: Mapping[str, Any] | None = None, dtype: Any = None,
                    size_divisibility: int = 32) -> MaskRCNN:
-    """Mask R-CNN on the registered backbone ``backbone`` (its head removed, num_classes=0).
+    """Mask R-CNN on the registered backbone ``backbone`` (its head removed, num_classes=0), or
+    on a backbone module (e.g. the model an importer returned; its head is removed the same way).
 
     ``num_classes`` counts the background (torchvision: 91 for COCO; 2 for one object class).
     Anchor sizes follow the neck's strides (8 x stride, aspect ratios 0.5, 1, 2); the other
     RPN / RoI-head settings are torchvision's unless overridden."""
-    body = registry.create_model(backbone, num_classes=0, **dict(backbone_overrides or {}))
+    if isinstance(backbone, str):
+        body = registry.create_model(backbone, num_classes=0, **dict(backbone_overrides or {}))
+    else:
+        body = backbone.clone(num_classes=0, **dict(backbone_overrides or {}))
     if dtype is not None:
         body = body.clone(dtype=dtype)
     neck = build_neck(body, neck_channels, dtype=dtype, **dict(neck_overrides or {}))
@@ -199,10 +203,10 @@ def _fill(template: Any, source: Any, path: str) -> Any:
         return {k: _fill(v, source[k], f"{path}/{k}") for k, v in template.items()}
     value = source.value if isinstance(source, nn.Partitioned) else source
     target = template.value if isinstance(template, nn.Partitioned) else template
-    if tuple(np.shape(value)) != tuple(np.shape(target)):
+    if tuple(np.shape(value)) != tuple(target.shape):
         raise ValueError(f"{path}: imported shape {tuple(np.shape(value))} != the detector's "
-                         f"{tuple(np.shape(target))}")
-    value = jnp.asarray(value, jnp.asarray(target).dtype)
+                         f"{tuple(target.shape)}")
+    value = jnp.asarray(value, target.dtype)
     return template.replace(value=value) if isinstance(template, nn.Partitioned) else value
 
 
