@@ -1,5 +1,5 @@
 """Mask R-CNN on every backbone family (tiny width): one compiled program per family runs init,
-a few jitted train steps (value_and_grad + optax adam) on a tiny synthetic batch of a size not
+16 jitted train steps (value_and_grad + optax adam) on a tiny synthetic batch of a size not
 divisible by 32, and eval on the trained weights; backbone weights from an importer."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flexvision.detection import targets as targets_lib
 from helpers import load_fixture, state_dict_of
 
 SIZE = (56, 88)  # padded by the model to 64 x 96
-STEPS = 6
+STEPS = 16
 NUM_CLASSES = 3  # background + 2
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 TINY = mrcnn.list_detectors(tiny=True)
@@ -111,7 +111,9 @@ def test_jitted_train_steps_are_finite_and_lower_the_loss(name):
     np.testing.assert_allclose(history["loss"], sum(history[k] for k in mrcnn.LOSS_KEYS),
                                rtol=1e-5)
     assert history["grads_finite"].all() and (history["grads_size"] > 0).all()
-    assert history["loss"][-1] < history["loss"][0], history["loss"]
+    # Each step's proposals (hence its positives and the box-loss normaliser) move with the
+    # weights, so single steps are noisy; the last steps' mean is below the starting loss.
+    assert history["loss"][-4:].mean() < history["loss"][0], history["loss"]
 
 
 @pytest.mark.parametrize("name", TINY)
