@@ -1,5 +1,5 @@
 """Mask R-CNN on every backbone family (tiny width): one compiled program per family runs init,
-16 jitted train steps (value_and_grad + optax adam) on a tiny synthetic batch of a size not
+10 jitted train steps (value_and_grad + optax adam) on a tiny synthetic batch of a size not
 divisible by 32, and eval on the trained weights; backbone weights from an importer."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flexvision.detection import targets as targets_lib
 from helpers import load_fixture, state_dict_of
 
 SIZE = (56, 88)  # padded by the model to 64 x 96
-STEPS = 16
+STEPS = 10
 NUM_CLASSES = 3  # background + 2
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 TINY = mrcnn.list_detectors(tiny=True)
