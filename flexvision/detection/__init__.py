@@ -1,4 +1,5 @@
-"""Dense-task parts: box ops, anchors, NMS, RoIAlign, the RPN and the RoI heads of Mask R-CNN.
+"""Dense-task parts: box ops, anchors, NMS, RoIAlign, the RPN, the RoI heads, the necks
+(``necks.py``: FPN, ViTDet simple feature pyramid) and the model (``maskrcnn.py``) of Mask R-CNN.
 
 Exact to torchvision's detection modules (``ops/`` and ``models/detection/``), with static shapes:
 variable-length results are padded to a capacity and come with a boolean validity mask, so that
