@@ -16,6 +16,7 @@ RUNTIME_REQUIREMENTS = [
     "tensorflow-datasets>=4.9.10",
     "tensorboard>=2.21",
     "scikit-learn>=1.5",
+    "pillow>=10",  # sklearn's sample photos -> the JPEG folders of image_folder.write_sample_folder
     "safetensors>=0.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",

@@ -21,8 +21,8 @@ Config keys (shared by every config in configs/):
   loss                 'softmax_xent' or 'sigmoid_xent'; label_smoothing: epsilon.
   mixup_alpha          Beta(alpha, alpha) mixup; 0 disables.
   lr, schedule.{warmup_steps, decay_type, min_lr_ratio}, optax.{name, kwargs, weight_decay,
-                       grad_clip_norm}: see flexvision/train/optim.py.
-  total_steps, log_every, checkpoint_every, keep_checkpoints.
+                       grad_clip_norm}: see flexvision/engine/optim.py.
+  total_steps, log_every, checkpoint_every, keep_checkpoints (0 keeps every checkpoint).
   eval.{pp, splits, patch_sizes, resolutions, batch_size, every}: flexvision/train/evaluator.py.
   mesh                 ((axis name, size), ...), default (("data", -1),) (data parallel);
                        e.g. --config.mesh="(('data', -1), ('fsdp', 2))" (docs/sharding.md).

@@ -36,7 +36,7 @@ PATCH_SIZES = (3, 4, 6, 8, 12)
 BASE_PATCH = 4
 POSEMB_GRID = (6, 6)
 # The micro ViT shrunk further for the experiments' --fast mode (tests): compiles in seconds.
-FAST_MODEL_OVERRIDES = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+FAST_MODEL_OVERRIDES = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE, channels: int = 1

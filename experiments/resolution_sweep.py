@@ -32,7 +32,7 @@ MIN_TRAINED_ACCURACY = 0.5  # 5x chance on 10 classes
 
 #: family -> (registered model, overrides that shrink it for a CPU run at 16-64 px).
 TINY_CONFIGS = {
-    "vit": ("vit_micro", dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=(4, 4),
+    "vit": ("vit_micro", dict(embed_dim=64, depth=2, num_heads=2, mlp_dim=128, patch_size=(4, 4),
                               posemb_grid=(8, 8), in_chans=3)),
     "swin": ("swin_tiny_patch4_window7_224",
              dict(img_size=TRAIN_RESOLUTION, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
@@ -46,8 +46,8 @@ TINY_CONFIGS = {
               dict(stages=hrnet_stages(8, stage1_blocks=1, stage1_width=16, blocks=1,
                                        modules=(1, 1, 1))[:3], stem_width=16,
                    num_features=128)),
-    "cyclemlp": ("cyclemlp_b1", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128),
-                                     mlp_ratios=(2, 2, 2, 2))),
+    "cyclemlp": ("cyclemlp_b1", dict(depths=(1, 1, 1, 1), embed_dim=(16, 32, 64, 128),
+                                     mlp_ratio=2.0)),
     "asmlp": ("asmlp_tiny", dict(embed_dim=16, depths=(1, 1, 1, 1), shift_size=3,
                                  mlp_ratio=2.0)),
 }

@@ -121,10 +121,10 @@ def trained_patch_sizes(workdir: str | None) -> list[int] | None:
 def stored_patch_size(model: str, overrides: dict) -> int | None:
     """The patch size the model's kernel is stored at (its native, training patch size)."""
     import flexvision  # pylint: disable=import-outside-toplevel
-    patch = getattr(flexvision.create_model(model, **overrides), "patch_size", None)
-    if patch is None:
+    module = flexvision.create_model(model, **overrides)
+    if "patch_size" not in module.flex_kwargs:  # the model contract: not a flexible-patch model
         return None
-    patch = to_pair(patch, "patch_size")
+    patch = to_pair(module.patch_size, "patch_size")
     return patch[0] if patch[0] == patch[1] else None
 
 

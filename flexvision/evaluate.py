@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -60,11 +61,18 @@ def main(argv) -> None:
 
     from flexvision.engine.evaluation import format_table
 
-    results = evaluate_checkpoint(
-        _CONFIG.value, _WORKDIR.value,
-        patch_sizes=[int(p) for p in _PATCH_SIZES.value] if _PATCH_SIZES.value else None,
-        resolutions=[int(r) for r in _RESOLUTIONS.value] if _RESOLUTIONS.value else None,
-        splits=_SPLITS.value, step=_STEP.value)
+    from flexvision.engine.integrity import CheckpointCorruptError, IncompatibleCheckpointError
+    from flexvision.engine.workdir import WorkdirError
+
+    try:
+        results = evaluate_checkpoint(
+            _CONFIG.value, _WORKDIR.value,
+            patch_sizes=[int(p) for p in _PATCH_SIZES.value] if _PATCH_SIZES.value else None,
+            resolutions=[int(r) for r in _RESOLUTIONS.value] if _RESOLUTIONS.value else None,
+            splits=_SPLITS.value, step=_STEP.value)
+    except (WorkdirError, IncompatibleCheckpointError, CheckpointCorruptError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if jax.process_index() == 0:
         for split, table in results["splits"].items():
             print(format_table(table, f"{split} (checkpoint step {results['step']}):"))
@@ -76,7 +84,9 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point ``flexvision-evaluate``."""
-    app.run(main)
+    from flexvision.engine.overrides import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

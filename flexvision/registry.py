@@ -6,6 +6,11 @@ touches this module.
 
     >>> import flexvision
     >>> model = flexvision.create_model("flexivit_small", num_classes=10)
+    >>> registry.tiny_variant("swin")       # 'swin_micro': each family's tiny CPU variant
+
+Each family registers exactly one *tiny* variant (``tiny=True``) for tests, benchmarks and
+experiments on a CPU; :func:`tiny_variant` finds it and names a family that has none. Code that
+registers models for a while (tests) uses :func:`scoped_registrations`, which removes them again.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import contextlib
 import pkgutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 
@@ -29,6 +35,8 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     defaults: Mapping[str, Any]
     description: str = ""
+    tiny: bool = False
+    aliases: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -42,13 +50,45 @@ def register_model(
     *,
     family: str,
     description: str = "",
+    tiny: bool = False,
+    aliases: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     **defaults: Any,
 ) -> None:
-    """Registers ``name`` so that ``create_model(name)`` returns ``builder(**defaults)``."""
+    """Registers ``name`` so that ``create_model(name)`` returns ``builder(**defaults)``.
+
+    ``tiny=True`` marks the family's one tiny variant (see :func:`tiny_variant`). ``aliases``
+    translates options given in another codebase's names into the builder's (e.g. big_vision's
+    ``width`` -> ``embed_dim`` for the ViT family); it is applied to ``create_model``'s overrides.
+    """
     if name in _REGISTRY:
         raise ValueError(f"model name {name!r} is registered twice (families "
                          f"{_REGISTRY[name].family!r} and {family!r})")
-    _REGISTRY[name] = ModelEntry(name, family, builder, dict(defaults), description)
+    if tiny:
+        other = [n for n, e in _REGISTRY.items() if e.family == family and e.tiny]
+        if other:
+            raise ValueError(f"family {family!r} already has a tiny variant ({other[0]!r}); "
+                             f"register {name!r} without tiny=True")
+    _REGISTRY[name] = ModelEntry(name, family, builder, dict(defaults), description, tiny,
+                                 aliases)
+
+
+@contextlib.contextmanager
+def scoped_registrations() -> Iterator[None]:
+    """Models registered inside the ``with`` block are removed when it ends (tests' models
+    cannot leak into the rest of the process)::
+
+        with registry.scoped_registrations():
+            registry.register_model("toy", Toy, family="toy", tiny=True)
+            ...
+    """
+    _import_families()
+    before, resolvers = dict(_REGISTRY), list(_NAME_RESOLVERS)
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
+        _NAME_RESOLVERS[:] = resolvers
 
 
 def register_name_resolver(resolver: Callable[[str], tuple[str, dict[str, Any]] | None]) -> None:
@@ -118,7 +158,10 @@ def coerce_overrides(name: str, overrides: Mapping[str, Any] | None) -> dict[str
     Values already of the field's type pass unchanged."""
     if not overrides:
         return {}
-    return _in_field_types(*resolve(name), overrides)
+    entry, implied = resolve(name)
+    if entry.aliases is not None:
+        overrides = entry.aliases(dict(overrides))
+    return _in_field_types(entry, implied, overrides)
 
 
 def _in_field_types(entry: ModelEntry, implied: Mapping[str, Any],
@@ -132,8 +175,17 @@ def _in_field_types(entry: ModelEntry, implied: Mapping[str, Any],
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds the registered model ``name``; keyword overrides replace its default fields
-    (JSON-shaped values are put in the fields' types first: :func:`coerce_overrides`)."""
+    (JSON-shaped values are put in the fields' types first: :func:`coerce_overrides`; options in
+    the family's alias names, e.g. big_vision's for the ViT family, are translated first).
+
+    Raises ValueError for unknown names, unknown options and ``num_classes`` < 0."""
     entry, implied = resolve(name)
+    if entry.aliases is not None:
+        overrides = entry.aliases(dict(overrides))
+    if "num_classes" in overrides:
+        from flexvision.models.contract import check_num_classes  # pylint: disable=import-outside-toplevel
+
+        check_num_classes(overrides["num_classes"], name)
     kwargs = {**entry.defaults, **implied, **_in_field_types(entry, implied, overrides)}
     try:
         return entry.builder(**kwargs)
@@ -163,3 +215,27 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
 def model_family(name: str) -> str:
     """The architecture family ('vit', 'swin', ...) of a registered or resolvable name."""
     return resolve(name)[0].family
+
+
+def families() -> list[str]:
+    """Sorted names of every registered family."""
+    _import_families()
+    return sorted({entry.family for entry in _REGISTRY.values()})
+
+
+def tiny_variant(family: str) -> str:
+    """The registered name of ``family``'s tiny variant (CPU-sized, compiles in seconds).
+
+    Raises ValueError naming the family when it has none (register one with ``tiny=True`` in
+    the family's own model file) or when the family is unknown.
+    """
+    _import_families()
+    if family not in families():
+        raise ValueError(f"unknown model family {family!r}; registered families: {families()}")
+    for name, entry in sorted(_REGISTRY.items()):
+        if entry.family == family and entry.tiny:
+            return name
+    raise ValueError(f"model family {family!r} has no tiny variant: register one in its model "
+                     f"file with register_model(..., family={family!r}, tiny=True) (as "
+                     f"'vit_micro' is), so that the contract test, benchmarks and experiments can "
+                     f"run the family on a CPU")

@@ -2,7 +2,11 @@
 
 They stand in for the two shapes of model the benchmark must handle whatever families are on
 main: one takes ``patch_size=`` (PI-resized patch kernel, like FlexiViT) and one keeps
-``batch_stats`` (BatchNorm, like HRNet). Importing this module registers them.
+``batch_stats`` (BatchNorm, like HRNet).
+
+Importing this module registers them (the benchmark's ``--import_modules`` does, in its own
+subprocesses); a test imports it only inside ``registry.scoped_registrations()`` and calls
+:func:`register` there, so that the toys never leak into other tests' view of the registry.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from flexvision import registry
+from flexvision.models.contract import Backbone
 
 
-class ToyFlexPatch(nn.Module):
+class ToyFlexPatch(Backbone):
     """Patch embedding from an 8x8 kernel resized to the requested patch size, then mean + head."""
+
+    flex_kwargs = ("patch_size",)
 
     width: int = 16
     num_classes: int = 10
+    in_chans: int = 3
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -33,11 +41,12 @@ class ToyFlexPatch(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x.mean(axis=(1, 2)))
 
 
-class ToyBatchNorm(nn.Module):
+class ToyBatchNorm(Backbone):
     """Conv -> BatchNorm -> ReLU -> mean -> head: a model whose training updates batch_stats."""
 
     width: int = 16
     num_classes: int = 10
+    in_chans: int = 3
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -47,6 +56,13 @@ class ToyBatchNorm(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(nn.relu(x).mean(axis=(1, 2)))
 
 
-if "toy_flex_patch" not in registry._REGISTRY:  # pylint: disable=protected-access
-    registry.register_model("toy_flex_patch", ToyFlexPatch, family="benchmark_toy")
-    registry.register_model("toy_batchnorm", ToyBatchNorm, family="benchmark_toy")
+def register() -> None:
+    """Registers both toys (a no-op for those already registered)."""
+    present = set(registry.list_models("toy_*"))
+    for name, builder, tiny in (("toy_flex_patch", ToyFlexPatch, True),
+                                ("toy_batchnorm", ToyBatchNorm, False)):
+        if name not in present:
+            registry.register_model(name, builder, family="benchmark_toy", tiny=tiny)
+
+
+register()

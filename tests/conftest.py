@@ -62,7 +62,7 @@ def tiny_config(digits_data_dir, jax_cache_dir):
     def make(**overrides):
         config = get_config(os.path.join(REPO, "configs", "flexivit_digits.py"))
         config.model.kwargs = ml_collections.ConfigDict(
-            {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+            {"num_classes": 10, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
              "dropout": 0.1})
         config.input.data_dir = digits_data_dir
         config.input.pp = ("decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)|"

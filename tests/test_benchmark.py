@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 
 from flexvision import benchmark, registry
-import tests.benchmark_toy_models  # noqa: F401  (registers toy_flex_patch, toy_batchnorm)
 
 TOY = "tests.benchmark_toy_models"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_models():
+    """toy_flex_patch and toy_batchnorm, registered for this module's tests only."""
+    with registry.scoped_registrations():
+        from tests import benchmark_toy_models  # pylint: disable=import-outside-toplevel
+
+        benchmark_toy_models.register()  # the import registers only the first time
+        yield
 
 # Per family: a representative registered model and the create_model overrides (JSON, as on the
 # command line) that make it tiny, a block or two of small width, so that its inference and train
@@ -29,7 +38,7 @@ TINY = {
     "hrnet": ("hrnet_w18_small", {"stages": [[1, "bottleneck", [1], [8]],
                                              [1, "basic", [1, 1], [8, 16]]],
                                   "stem_width": 8, "num_features": 32}),
-    "cyclemlp": ("cyclemlp_b1", {"depths": [1], "embed_dims": [16], "mlp_ratios": [2],
+    "cyclemlp": ("cyclemlp_b1", {"depths": [1], "embed_dim": [16], "mlp_ratio": 2,
                                  "transitions": []}),
     "asmlp": ("asmlp_tiny", {"embed_dim": 16, "depths": [1], "mlp_ratio": 2}),
 }
@@ -39,7 +48,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # BatchNorm model keeps batch_stats.
 EXTRA = {"toy_batchnorm": ("toy_batchnorm", {}),
          "deit_distilled": ("deit_tiny_distilled_patch16_224",
-                            {"depth": 1, "width": 48, "num_heads": 2})}
+                            {"depth": 1, "embed_dim": 48, "num_heads": 2})}
 
 
 def _registered_families() -> list[str]:
@@ -84,7 +93,8 @@ def test_every_registered_family_has_tiny_benchmark_settings():
             assert registry.model_family(name) == family, (family, name)
 
 
-@pytest.mark.parametrize("case", _registered_families() + sorted(EXTRA))
+@pytest.mark.parametrize("case", sorted(set(_registered_families()) | {"benchmark_toy"})
+                         + sorted(EXTRA))
 def test_benchmark_runs_every_family_and_writes_valid_json(case, tmp_path, capsys):
     if case not in TINY and case not in EXTRA:
         pytest.fail(f"family {case!r} has no tiny benchmark settings: add them to TINY")

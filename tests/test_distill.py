@@ -45,7 +45,7 @@ def test_mixed_loss_weights_kl_and_labels():
 
 
 def micro(name, **kwargs):
-    return flexvision.create_model(name, num_classes=4, width=16, depth=1, num_heads=2,
+    return flexvision.create_model(name, num_classes=4, embed_dim=16, depth=1, num_heads=2,
                                    mlp_dim=32, **kwargs)
 
 
@@ -123,7 +123,7 @@ def test_distill_mode_end_to_end(digits_data_dir, jax_cache_dir, tmp_path):
     from flexvision.train.trainer import train_and_evaluate
 
     data_dir = digits_data_dir
-    tiny = {"num_classes": 10, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+    tiny = {"num_classes": 10, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
             "patch_size": (4, 4), "posemb_grid": (4, 4)}
 
     def config_for(model_name, **updates):

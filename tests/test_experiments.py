@@ -78,7 +78,7 @@ def test_pi_resize_keeps_tokens_when_upsampling_and_bilinear_does_not():
     upsampled = _upsample_each_patch(images, lab.BASE_PATCH, 8)
     pi_model, pi_params = lab.with_resized_patch_embed("vit_micro", params, 8, "pi", **overrides)
     ours = _patch_tokens(pi_model, pi_params, upsampled)
-    assert ours.shape == reference.shape == (2, 2, 2, overrides["width"])
+    assert ours.shape == reference.shape == (2, 2, 2, overrides["embed_dim"])
     np.testing.assert_allclose(ours, reference, atol=1e-4 * max(1.0, np.abs(reference).max()))
 
     bl_model, bl_params = lab.with_resized_patch_embed("vit_micro", params, 8, "bilinear",

@@ -1,8 +1,8 @@
 """Import rules of the code base (DESIGN.md, docs/engine.md):
 
     layers <- data
-    layers <- models (with registry, convert, the flexvision package) <- detection <- engine
-           <- {train, benchmark, evaluate, experiments, configs}
+    layers <- models (with registry) <- detection <- convert (with the flexvision package)
+           <- engine <- {train, benchmark, evaluate, experiments, configs}
 
 A module may import its own layer and the layers to its left, never one to its right; nothing
 outside ``flexvision.train`` imports the training application ``flexvision.train``; and no
@@ -27,8 +27,10 @@ ROOTS = ("flexvision", "configs", "experiments")
 LAYERS = (
     ("layers", ("flexvision.layers",)),
     ("data", ("flexvision.data",)),
-    ("models", ("flexvision.models", "flexvision.registry", "flexvision.convert", "flexvision")),
+    ("models", ("flexvision.models", "flexvision.registry")),
     ("detection", ("flexvision.detection",)),
+    # weight import builds models and detection heads; the package's own __init__ exports it
+    ("convert", ("flexvision.convert", "flexvision")),
     ("engine", ("flexvision.engine",)),
     ("applications", ("flexvision.train", "flexvision.benchmark", "flexvision.evaluate",
                       "experiments", "configs")),

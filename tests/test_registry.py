@@ -13,7 +13,7 @@ def test_unknown_model_name_says_what_is_accepted():
 
 
 def test_load_state_dict_rejects_unknown_file_type(tmp_path):
-    path = tmp_path / "weights.pt"
+    path = tmp_path / "weights.msgpack"  # (.pt/.pth/.bin get the PyTorch-pickle message)
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=r"unsupported file type.*safetensors.*npz"):
         common.load_state_dict(str(path))

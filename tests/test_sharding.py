@@ -19,7 +19,7 @@ import flexvision
 from flexvision.engine import distributed, sharding
 
 MESH_3D = AbstractMesh((2, 2, 2), ("data", "fsdp", "model"))
-TINY_VIT = dict(width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(4, 4),
+TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(4, 4),
                 posemb_grid=(4, 4))
 
 

@@ -34,7 +34,7 @@ PATCH = 4
 STEPS = 3
 EXTRA_STEPS = 2
 FSDP_MIN_SIZE = 1024
-MODEL = dict(width=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
+MODEL = dict(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=10, patch_size=(PATCH, PATCH),
              posemb_grid=(IMAGE // PATCH, IMAGE // PATCH))
 
 MESHES = {  # name -> mesh axes; "single" runs on the first device only
@@ -273,7 +273,7 @@ def trainer_config(workdir_root: str):
     from flexvision.engine.configs import get_config
     config = get_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      "configs", "flexivit_digits.py"))
-    config.model.kwargs.update({"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
+    config.model.kwargs.update({"embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
     config.input.data_dir = os.path.join(workdir_root, "tfds")
     config.input.batch_size = 16
     config.input.shuffle_buffer = 64

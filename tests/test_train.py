@@ -167,8 +167,11 @@ class _TinyBatchNormNet:
     def build(num_classes=10):
         import flax.linen as nn
 
-        class TinyBatchNormNet(nn.Module):
+        from flexvision.models.contract import Backbone
+
+        class TinyBatchNormNet(Backbone):  # the model contract: flex_kwargs, in_chans, ...
             num_classes: int = 10
+            in_chans: int = 3
 
             @nn.compact
             def __call__(self, images, *, train=False):

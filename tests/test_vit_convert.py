@@ -6,6 +6,7 @@ import pytest
 
 from flexvision import convert
 from flexvision.layers import flex
+from flexvision.models.vit import VisionTransformer
 from tests.helpers import assert_parity, load_fixture, parity_error, state_dict_of
 
 
@@ -89,12 +90,12 @@ def big_vision_flexivit():
 def test_big_vision_config_is_inferred(big_vision_flexivit):
     _, meta, model, _ = big_vision_flexivit
     config = meta["config"]
-    assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (
+    assert (model.embed_dim, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (
         config["width"], config["depth"], config["num_heads"], config["mlp_dim"],
         config["num_classes"])
     assert tuple(model.patch_size) == tuple(config["patch_size"])
     assert tuple(model.posemb_grid) == tuple(config["posemb_size"])
-    assert model.pool_type == "tok" and model.resize == "big_vision" and model.gelu_approximate
+    assert model.global_pool == "token" and model.resize == "big_vision" and model.gelu_approximate
 
 
 @pytest.mark.parametrize("seqhw", [5, 8, 15, 16, 24, 30])
@@ -175,9 +176,10 @@ def _big_vision_arrays(pool, width=24, depth=2, heads=2, mlp=48, classes=3, patc
 def test_big_vision_import_infers_pooling_and_fuses_attention(pool, prefix):
     arrays = _big_vision_arrays(pool, prefix=prefix)
     model, variables = convert.from_big_vision(arrays)
-    assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (
+    assert (model.embed_dim, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (
         24, 2, 2, 48, 3)
-    assert model.pool_type == pool and model.class_token == (pool == "tok")
+    assert model.global_pool == {"gap": "avg", "tok": "token"}.get(pool, pool)
+    assert model.class_token == (pool == "tok")
     assert tuple(model.patch_size) == (4, 4) and tuple(model.posemb_grid) == (3, 3)
     params = variables["params"]
     attn = f"{prefix}Transformer/encoderblock_1/MultiHeadDotProductAttention_0"
@@ -193,8 +195,8 @@ def test_big_vision_import_infers_pooling_and_fuses_attention(pool, prefix):
     images = np.random.default_rng(1).normal(size=(1, 12, 12, 3)).astype(np.float32)
     feats = _apply(model, variables, images, method="features")
     if pool == "gap":  # big_vision: encoder_norm on every token, then the mean
-        np.testing.assert_allclose(feats["pre_logits"], np.mean(feats["encoded"], axis=1),
-                                   atol=1e-5)
+        np.testing.assert_allclose(feats["pre_logits"],
+                                   np.mean(feats["feature_map"], axis=(1, 2)), atol=1e-5)
     assert _apply(model, variables, images, patch_size=6).shape == (1, 3)
 
 
@@ -204,12 +206,19 @@ def test_timm_kwargs_translate_to_the_config():
     gap = timm_config("vit_base_patch16_224.augreg_in21k", global_pool="avg", class_token=False,
                       reg_tokens=4, no_embed_class=True, img_size=256, embed_dim=192,
                       num_heads=3, mlp_ratio=2.0, dynamic_img_size=True)
-    assert (gap["pool_type"], gap["fc_norm"], gap["class_token"], gap["num_reg_tokens"]) == (
-        "gap", True, False, 4)
-    assert not gap["posemb_prefix"] and gap["posemb_grid"] == (16, 16) and gap["mlp_dim"] == 384
+    assert (gap["global_pool"], gap["fc_norm"], gap["class_token"], gap["num_reg_tokens"]) == (
+        "avg", True, False, 4)
+    assert not gap["posemb_prefix"] and gap["posemb_grid"] == (16, 16)
+    assert gap["embed_dim"] == 192 and gap["mlp_ratio"] == 2.0 and gap["mlp_dim"] is None
+    model = VisionTransformer(**gap)
+    assert model.hidden_dim == 384
     flexi = timm_config("flexivit_small", patch_size=8)
     assert flexi["patch_size"] == (8, 8) and flexi["posemb_grid"] == (30, 30)
-    with pytest.raises(ValueError, match=r"global_pool='max' is not supported; accepted"):
-        timm_config("vit_small_patch16_224", global_pool="max")
+    with pytest.raises(ValueError, match=r"global_pool='mean' is not supported; accepted"):
+        timm_config("vit_small_patch16_224", global_pool="mean")
+    for pool, fc_norm in (("max", True), ("avgmax", True), ("map", False), ("prr", False)):
+        config = timm_config("vit_small_patch16_224", global_pool=pool, class_token=False,
+                             pool_include_prefix=True)
+        assert (config["fc_norm"], config["pool_include_prefix"]) == (fc_norm, True)
     with pytest.raises(ValueError, match=r"timm kwarg init_values other than None"):
         timm_config("vit_small_patch16_224", init_values=1e-5)

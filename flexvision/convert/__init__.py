@@ -4,10 +4,14 @@
     model, variables = convert.from_timm("flexivit_small", "model.safetensors", num_classes=10)
     model, variables = convert.from_big_vision("flexivit_s_i1k.npz")
     model, variables = convert.from_official("cyclemlp", state_dict, layers=[2, 2, 4, 2], ...)
+    rpn, variables = convert.from_torchvision("rpn", maskrcnn_state_dict)
     logits = model.apply(variables, images_nhwc)
 
 ``state_dict`` is a mapping name -> array (numpy, jax or torch) or a path to a .safetensors or
-.npz file. Each family's importer lives in its own file here and registers itself.
+.npz file; a checkpoint that nests it ({'model': sd, 'optimizer': ...}, 'state_dict',
+'model_ema', a 'module.' prefix) is unwrapped, and a truncated or corrupted file is a ValueError
+naming it (:func:`load_state_dict`). Each family's importer lives in its own file here and
+registers itself.
 """
 
 from __future__ import annotations
@@ -59,4 +63,11 @@ def from_official(family: str, state_dict: Any, **official_kwargs: Any):
     return converter.convert(family, load_state_dict(state_dict), **official_kwargs)
 
 
-__all__ = ["from_big_vision", "from_official", "from_timm", "load_state_dict"]
+def from_torchvision(part: str, state_dict: Any, **fields: Any):
+    """Imports torchvision Mask R-CNN heads: ``part`` is 'rpn' or 'roi_heads' (convert/torchvision.py)."""
+    _load_importers()
+    converter = find_converter("torchvision", part)
+    return converter.convert(part, load_state_dict(state_dict), **fields)
+
+
+__all__ = ["from_big_vision", "from_official", "from_timm", "from_torchvision", "load_state_dict"]

@@ -19,7 +19,7 @@ from flexvision.convert.common import (StateDict, abstract_variables, fit_to_tem
 from flexvision.models.asmlp import ASMLP
 
 # AS_MLP constructor arguments that change nothing at inference or that flexvision fixes.
-_IGNORED_KWARGS = {"img_size", "in_chans", "norm_layer", "use_checkpoint", "pretrained"}
+_IGNORED_KWARGS = {"img_size", "norm_layer", "use_checkpoint", "pretrained"}
 
 _BLOCK_FCS = ("axial_shift.conv1", "axial_shift.conv2_1", "axial_shift.conv2_2",
               "axial_shift.conv3", "mlp.fc1", "mlp.fc2")
@@ -71,6 +71,7 @@ def convert_state_dict(sd: StateDict, depths) -> dict[str, np.ndarray]:
                     description="asmlp: svip-lab/AS-MLP AS_MLP state dicts")
 def convert_official_asmlp(name: str, state_dict: StateDict, *, embed_dim: int = 96,
                            depths=(2, 2, 6, 2), shift_size: int = 5, num_classes: int = 1000,
+                           in_chans: int | None = None,
                            patch_size: int = 4, mlp_ratio: float = 4.0, as_bias: bool = True,
                            patch_norm: bool = True, drop_rate: float = 0.0,
                            drop_path_rate: float = 0.0, pad_to_fit: bool = True, dtype=None,
@@ -80,11 +81,15 @@ def convert_official_asmlp(name: str, state_dict: StateDict, *, embed_dim: int =
     unknown = sorted(set(ignored) - _IGNORED_KWARGS)
     if unknown:
         raise ValueError(f"asmlp: unknown AS_MLP argument(s) {unknown}; accepted are embed_dim, "
-                         f"depths, shift_size, num_classes, patch_size, mlp_ratio, as_bias, "
+                         f"depths, shift_size, num_classes, in_chans, patch_size, mlp_ratio, as_bias, "
                          f"patch_norm, drop_rate, drop_path_rate, pad_to_fit and "
                          f"{sorted(_IGNORED_KWARGS)}")
     depths = tuple(int(d) for d in depths)
+    if in_chans is None:  # read from the patch embedding (AS_MLP's own default is 3)
+        weight = state_dict.get("patch_embed.proj.weight")
+        in_chans = 3 if weight is None else int(weight.shape[1])
     model = ASMLP(embed_dim=int(embed_dim), depths=depths, shift_size=int(shift_size),
+                  in_chans=int(in_chans),
                   mlp_ratio=mlp_ratio, as_bias=as_bias, patch_size=int(patch_size),
                   patch_norm=patch_norm, num_classes=int(num_classes), drop_rate=drop_rate,
                   drop_path_rate=drop_path_rate, pad_to_fit=pad_to_fit, dtype=dtype)
@@ -100,5 +105,5 @@ def convert_official_asmlp(name: str, state_dict: StateDict, *, embed_dim: int =
                          f"AS_MLP(embed_dim={embed_dim}, depths={list(depths)}): "
                          f"{sorted(remaining)[:10]}; check the kwargs")
     size = 8 * int(patch_size)
-    template = abstract_variables(model, np.zeros((1, size, size, 3), np.float32))
+    template = abstract_variables(model, np.zeros((1, size, size, model.in_chans), np.float32))
     return model, fit_to_template(template, flat, source="asmlp (official)")

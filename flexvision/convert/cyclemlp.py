@@ -21,7 +21,7 @@ from flexvision.convert.common import (StateDict, abstract_variables, fit_to_tem
 from flexvision.models.cyclemlp import CycleMLP, cycle_fc_offset_buffer
 
 # CycleNet constructor arguments that change nothing at inference or that flexvision fixes.
-_IGNORED_KWARGS = {"img_size", "in_chans", "segment_dim", "qk_scale", "drop_rate",
+_IGNORED_KWARGS = {"img_size", "segment_dim", "qk_scale", "drop_rate",
                    "attn_drop_rate", "norm_layer", "mlp_fn", "fork_feat", "pretrained"}
 
 
@@ -125,7 +125,7 @@ def convert_state_dict(state_dict: StateDict, depths, embed_dims, transitions) -
                     description="cyclemlp: ShoufaChen/CycleMLP CycleNet state dicts")
 def convert_official_cyclemlp(name: str, state_dict: StateDict, *, layers, embed_dims,
                               mlp_ratios, transitions=None, num_classes: int = 1000,
-                              patch_size: Any = None, qkv_bias: bool = False,
+                              in_chans: int | None = None, patch_size: Any = None, qkv_bias: bool = False,
                               skip_lam: float = 1.0, drop_path_rate: float = 0.0, dtype=None,
                               **ignored: Any):
     """Builds flexvision's CycleMLP from CycleNet kwargs and loads the official state dict.
@@ -137,14 +137,17 @@ def convert_official_cyclemlp(name: str, state_dict: StateDict, *, layers, embed
     unknown = sorted(set(ignored) - _IGNORED_KWARGS)
     if unknown:
         raise ValueError(f"cyclemlp: unknown CycleNet argument(s) {unknown}; accepted are layers, "
-                         f"embed_dims, mlp_ratios, transitions, num_classes, patch_size, "
+                         f"embed_dims, mlp_ratios, transitions, num_classes, in_chans, patch_size, "
                          f"qkv_bias, skip_lam, drop_path_rate and {sorted(_IGNORED_KWARGS)}")
     depths = tuple(int(d) for d in layers)
     transitions = tuple(bool(t) for t in (transitions or [False] * len(depths)))
-    model = CycleMLP(depths=depths, embed_dims=tuple(int(d) for d in embed_dims),
-                     mlp_ratios=tuple(mlp_ratios), transitions=transitions,
-                     num_classes=int(num_classes), qkv_bias=qkv_bias, skip_lam=skip_lam,
-                     drop_path_rate=drop_path_rate, dtype=dtype)
+    if in_chans is None:  # read from the patch embedding (CycleNet's own default is 3)
+        weight = state_dict.get("patch_embed.proj.weight")
+        in_chans = 3 if weight is None else int(weight.shape[1])
+    model = CycleMLP(depths=depths, embed_dim=tuple(int(d) for d in embed_dims),
+                     mlp_ratio=tuple(float(r) for r in mlp_ratios), transitions=transitions,
+                     num_classes=int(num_classes), in_chans=int(in_chans), qkv_bias=qkv_bias,
+                     skip_lam=skip_lam, drop_path_rate=drop_path_rate, dtype=dtype)
     reader = _Reader(state_dict)
     try:
         flat = convert_state_dict(reader, depths, model.embed_dims, transitions)
@@ -157,5 +160,5 @@ def convert_official_cyclemlp(name: str, state_dict: StateDict, *, layers, embed
                          f"place in CycleNet(layers={list(depths)}, embed_dims="
                          f"{list(model.embed_dims)}, transitions={list(transitions)}): "
                          f"{reader.unread()[:10]}; check the kwargs")
-    template = abstract_variables(model, np.zeros((1, 32, 32, 3), np.float32))
+    template = abstract_variables(model, np.zeros((1, 32, 32, model.in_chans), np.float32))
     return model, fit_to_template(template, flat, source="cyclemlp (official)")

@@ -26,7 +26,7 @@ from flexvision.registry import create_model
 
 # timm constructor kwargs that change nothing in flexvision's model (any size is accepted).
 _IGNORED_TIMM_KWARGS = ("dynamic_img_size", "dynamic_img_pad", "strict_img_size", "pretrained")
-_SUPPORTED_TIMM_KWARGS = ("img_size", "patch_size", "embed_dim", "depths", "num_heads",
+_SUPPORTED_TIMM_KWARGS = ("img_size", "in_chans", "patch_size", "embed_dim", "depths", "num_heads",
                           "window_size", "mlp_ratio", "qkv_bias", "num_classes", "drop_rate",
                           "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -105,8 +105,11 @@ def convert_timm_swin(name: str, state_dict: StateDict, **timm_kwargs: Any):
     Returns ``(model, variables)``. A relative-position bias table made for another window is
     resized bicubically (official Swin / timm's ``resize_rel_pos_bias_table_simple``).
     """
-    model = create_model(name, **_model_kwargs(timm_kwargs))
-    template = abstract_variables(model, jnp.zeros((1, 32, 32, 3), jnp.float32))
+    kwargs = _model_kwargs(timm_kwargs)
+    if "in_chans" not in kwargs and "patch_embed.proj.weight" in state_dict:
+        kwargs["in_chans"] = int(state_dict["patch_embed.proj.weight"].shape[1])
+    model = create_model(name, **kwargs)
+    template = abstract_variables(model, jnp.zeros((1, 32, 32, model.in_chans), jnp.float32))
     from flax import traverse_util  # pylint: disable=import-outside-toplevel
 
     shapes = {k: v.shape for k, v in traverse_util.flatten_dict(template, sep="/").items()}

@@ -19,14 +19,14 @@ import numpy as np
 from flexvision.convert.common import (StateDict, abstract_variables, fit_to_template,
                                        register_converter, torch_conv_kernel, torch_linear_kernel)
 from flexvision.layers.flex import to_pair
-from flexvision.models.vit import VisionTransformer
+from flexvision.models.vit import VisionTransformer, big_vision_aliases
 from flexvision.registry import list_models
 
 # timm VisionTransformer kwargs -> what they mean here. Any other kwarg is refused by name.
-_TIMM_POOL = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
+_TIMM_POOL = {"token": "token", "avg": "avg", "max": "max", "avgmax": "avgmax", "map": "map",
+              "prr": "prr", "": "none"}
 _TIMM_IGNORED = {
     "dynamic_img_size": "flexvision models always accept any image size",
-    "dynamic_img_pad": "flexvision never pads; a patch size that does not tile the image raises",
     "pretrained": "weights come from the state dict",
     "pretrained_cfg": "weights come from the state dict",
     "pretrained_cfg_overlay": "weights come from the state dict",
@@ -64,14 +64,17 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
                  tuple(g * p for g, p in zip(config["posemb_grid"], config["patch_size"])))
         config["patch_size"] = base_patch
         config["posemb_grid"] = (image[0] // base_patch[0], image[1] // base_patch[1])
-    renames = {"embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
+    renames = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads",
                "num_classes": "num_classes", "in_chans": "in_chans", "qkv_bias": "qkv_bias",
                "class_token": "class_token", "reg_tokens": "num_reg_tokens",
-               "drop_rate": "dropout", "drop_path_rate": "drop_path"}
+               "drop_rate": "drop_rate", "drop_path_rate": "drop_path_rate",
+               "pool_include_prefix": "pool_include_prefix",
+               "dynamic_img_pad": "dynamic_img_pad"}
     for timm_key, ours in renames.items():
         if timm_key in kwargs:
             config[ours] = kwargs.pop(timm_key)
-    config["mlp_dim"] = int(config["width"] * (mlp_ratio if mlp_ratio is not None else 4.0))
+    config["mlp_ratio"] = float(mlp_ratio if mlp_ratio is not None else 4.0)
+    config["mlp_dim"] = None  # timm: hidden width int(embed_dim * mlp_ratio)
     if "no_embed_class" in kwargs:
         config["posemb_prefix"] = not kwargs.pop("no_embed_class")
     fc_norm = kwargs.pop("fc_norm", None)
@@ -80,8 +83,10 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
         if pool not in _TIMM_POOL:
             raise ValueError(f"timm global_pool={pool!r} is not supported; accepted: "
                              f"{sorted(_TIMM_POOL)}")
-        config["pool_type"] = _TIMM_POOL[pool]
-    config["fc_norm"] = (config["pool_type"] == "gap") if fc_norm is None else bool(fc_norm)
+        config["global_pool"] = _TIMM_POOL[pool]
+    if fc_norm is None:  # timm: fc_norm defaults to on for the reductions, off otherwise
+        fc_norm = config["global_pool"] in ("avg", "max", "avgmax")
+    config["fc_norm"] = bool(fc_norm)
     for key, accepted in (("pos_embed", "learn"), ("pre_norm", False), ("final_norm", True),
                           ("init_values", None), ("qk_norm", False), ("weight_init", "")):
         if key in kwargs and kwargs.pop(key) not in (accepted,):
@@ -91,7 +96,8 @@ def timm_config(name: str, **timm_kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"timm kwargs {sorted(kwargs)} are not supported by flexvision's ViT "
                          f"importer; supported: img_size, patch_size, embed_dim, depth, num_heads, "
                          f"mlp_ratio, num_classes, in_chans, qkv_bias, class_token, reg_tokens, "
-                         f"no_embed_class, global_pool, fc_norm, drop_rate, drop_path_rate, "
+                         f"no_embed_class, global_pool, pool_include_prefix, fc_norm, "
+                         f"dynamic_img_pad, drop_rate, drop_path_rate, "
                          f"{sorted(_TIMM_IGNORED)}")
     config["resize"] = "timm"
     config["gelu_approximate"] = False
@@ -132,9 +138,45 @@ def _timm_param(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
 def convert_timm(name: str, state_dict: StateDict, **timm_kwargs: Any):
     """timm ViT-family state dict + timm name and kwargs -> (VisionTransformer, variables)."""
     config = timm_config(name, **timm_kwargs)
+    _check_posemb_grid(name, config, state_dict, timm_kwargs)
     model = VisionTransformer(**config)
     converted = dict(_timm_param(k, v) for k, v in state_dict.items())
     return model, _fit(model, converted, f"timm {name}")
+
+
+def _check_posemb_grid(name: str, config: dict[str, Any], state_dict: StateDict,
+                       timm_kwargs: dict[str, Any]) -> None:
+    """ValueError when the checkpoint's pos_embed was trained on another grid than the config's.
+
+    A model built for another image size cannot take the checkpoint's position embedding, but
+    flexvision resamples it to every input at run time: the fix is to load at the checkpoint's
+    size and feed images of any size, so the message says so (with the img_size to use).
+    """
+    posemb = state_dict.get("pos_embed")
+    if posemb is None or np.ndim(posemb) != 3:
+        return
+    prefix = (int(config["class_token"]) + int(config["dist_token"]) + config["num_reg_tokens"]
+              if config["posemb_prefix"] else 0)
+    grid = tuple(config["posemb_grid"])
+    patches = posemb.shape[1] - prefix
+    if patches == grid[0] * grid[1]:
+        return
+    patch = tuple(config["patch_size"])
+    asked = timm_kwargs.get("img_size", (grid[0] * patch[0], grid[1] * patch[1]))
+    side = int(round(max(patches, 0) ** 0.5))
+    if side * side == patches:
+        trained = f"a {side}x{side} grid of {patch[0]}x{patch[1]} patches"
+        fix = f"img_size={side * patch[0]}" + ("" if patch[0] == patch[1] else
+                                               f" or ({side * patch[0]}, {side * patch[1]})")
+    else:
+        trained = f"{patches} patch positions, not the {grid[0] * grid[1]} of a {grid[0]}x" \
+                  f"{grid[1]} grid"
+        fix = f"img_size=(H, W) with (H / {patch[0]}) * (W / {patch[1]}) = {patches}"
+    raise ValueError(
+        f"timm {name}: the checkpoint's pos_embed covers {trained}, but the model was built "
+        f"for a {grid[0]}x{grid[1]} grid (img_size={asked!r}). flexvision resamples the position "
+        f"embedding to every input at run time, so load the checkpoint at the size it was "
+        f"trained at ({fix}) and call the model on images of any size")
 
 
 def _fit(model: VisionTransformer, converted: dict[str, np.ndarray], source: str) -> dict:
@@ -200,15 +242,15 @@ def big_vision_config(flat: StateDict, posemb_grid: Any = None) -> dict[str, Any
     if any(k.startswith("MAPHead_0/") for k in flat):
         pool = "map"
     elif "cls" in flat:
-        pool = "tok"
+        pool = "token"
     else:
-        pool = "gap"
+        pool = "avg"
     return dict(
         num_classes=int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0,
         patch_size=tuple(int(s) for s in kernel.shape[:2]), posemb_grid=grid,
-        width=width, depth=len(blocks), num_heads=int(query.shape[1]),
+        embed_dim=width, depth=len(blocks), num_heads=int(query.shape[1]),
         mlp_dim=int(flat["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[-1]),
-        pool_type=pool, class_token=pool == "tok", posemb_prefix=False,
+        global_pool=pool, class_token=pool == "token", posemb_prefix=False,
         in_chans=int(kernel.shape[2]), resize="big_vision", gelu_approximate=True,
         head_zeroinit=True, fc_norm=False)
 
@@ -284,9 +326,12 @@ def _big_vision_params(flat: StateDict) -> dict[str, np.ndarray]:
 def convert_big_vision(state_dict: StateDict, **overrides: Any):
     """big_vision ViT arrays -> (VisionTransformer with big_vision semantics, variables).
 
-    The configuration is inferred from the arrays; ``overrides`` replace inferred fields. A
-    FlexiViT checkpoint evaluated at big_vision's ``seqhw`` uses ``patch_size = image // seqhw``.
+    The configuration is inferred from the arrays; ``overrides`` replace inferred fields (in
+    the module's names or big_vision's: ``pool_type="tok"`` = ``global_pool="token"``, see
+    :func:`flexvision.models.vit.big_vision_aliases`). A FlexiViT checkpoint evaluated at
+    big_vision's ``seqhw`` uses ``patch_size = image // seqhw``.
     """
+    overrides = big_vision_aliases(overrides)
     flat = _flat_big_vision(state_dict)
     config = {**big_vision_config(flat, overrides.get("posemb_grid")), **overrides}
     model = VisionTransformer(**config)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from flexvision.data import digits, instances, ops
+from flexvision.data import digits, image_folder, instances, ops
 
 # TensorFlow must not grab accelerators that JAX uses.
 try:
@@ -30,13 +30,18 @@ _LOCAL_BUILDERS = {digits.NAME: digits.FlexvisionDigits, "digits": digits.Flexvi
 COCO = "coco"  # input.name for your own COCO-format data, described by input.coco
 
 
-def get_builder(name: str, data_dir: str | None = None, coco=None) -> tfds.core.DatasetBuilder:
+def get_builder(name: str, data_dir: str | None = None, coco=None
+                ) -> tfds.core.DatasetBuilder | image_folder.ImageFolder:
     """The TFDS builder for ``name``; the embedded datasets are built locally on first use.
 
     ``name="coco"`` builds your COCO-format data locally: ``coco`` gives the arguments of
     :func:`flexvision.data.instances.coco_config` (name, image_dir, annotation_files, and
-    optionally class_names, channels, version).
+    optionally class_names, channels, version). ``name="image_folder"`` reads the images under
+    ``data_dir`` (one subfolder per class, see flexvision/data/image_folder.py) and returns an
+    :class:`image_folder.ImageFolder`.
     """
+    if name == image_folder.NAME:
+        return image_folder.ImageFolder(data_dir)
     if name == COCO:
         if not coco:
             raise ValueError("input.name='coco' needs input.coco = dict(name=..., image_dir=..., "
@@ -55,8 +60,9 @@ def get_builder(name: str, data_dir: str | None = None, coco=None) -> tfds.core.
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
         raise ValueError(f"unknown dataset {name!r}: {err}. Built-in datasets that need no "
-                         f"download: {sorted(_LOCAL_BUILDERS)} and {COCO!r} for your own "
-                         f"COCO-format files") from None
+                         f"download: {sorted(_LOCAL_BUILDERS)}, {COCO!r} for your own "
+                         f"COCO-format files, and {image_folder.NAME!r} for your own images "
+                         f"(data_dir=ROOT holding one folder per class)") from None
     if not tf.io.gfile.exists(builder.data_path):
         raise ValueError(f"dataset {name!r} is not prepared under data_dir={data_dir!r} "
                          f"({builder.data_path} is missing). Prepare it once with "
@@ -72,13 +78,17 @@ def host_split(split: str) -> str:
     return tfds.split_for_jax_process(split, drop_remainder=False)
 
 
-def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+def num_examples(builder, split) -> int:
     """Number of examples in a (sub-)split, e.g. ``"train[:90%]"``."""
+    if isinstance(builder, image_folder.ImageFolder):
+        return builder.num_examples(split)
     return int(builder.info.splits[split].num_examples)
 
 
-def _records(builder, split: str) -> tf.data.Dataset:
+def _records(builder, split) -> tf.data.Dataset:
     """Encoded records of ``split`` in file order (images left encoded for the 'decode' op)."""
+    if isinstance(builder, image_folder.ImageFolder):
+        return builder.as_dataset(split)
     decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                               read_config=tfds.ReadConfig(interleave_cycle_length=1))
@@ -122,6 +132,10 @@ def train_dataset(input_config, seed: int, start_step: int = 0) -> tf.data.Datas
                           input_config.get("coco"))
     split = host_split(input_config.split)
     size = num_examples(builder, split)
+    if size == 0:
+        raise ValueError(f"config.input.split={input_config.split!r} of dataset "
+                         f"{input_config.name!r} has no examples (on process "
+                         f"{jax.process_index()} of {jax.process_count()})")
     batch = local_batch_size(input_config.batch_size)
     records = _records(builder, split)
     buffer = int(min(input_config.get("shuffle_buffer", 50_000), size))

@@ -12,6 +12,11 @@ Config keys:
                                  parameters with ndim >= 2 only (kernels, not biases/norms) and
                                  scaled by the schedule like the update; 0 switches it off.
   config.optax.grad_clip_norm    clip the gradients' global norm (None: no clipping).
+
+The chain always has the same four slots (clip, scale, weight decay, lr), with
+``optax.identity()`` standing in for clipping or weight decay when they are off. Both keep no
+state (EmptyState, like identity's), so the optimizer state has the same tree structure with or
+without them: a run resumes after clipping is switched on (the NaN guard's advice) or off.
 """
 
 from __future__ import annotations
@@ -61,11 +66,9 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     if name not in _SCALERS:
         raise ValueError(f"config.optax.name must be one of {sorted(_SCALERS)}, got {name!r}")
     schedule = make_schedule(config)
-    parts = []
-    if opt.get("grad_clip_norm"):
-        parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
-    parts.append(_SCALERS[name](**dict(opt.get("kwargs", {}) or {})))
-    if opt.get("weight_decay"):
-        parts.append(optax.add_decayed_weights(float(opt.weight_decay), mask=_decay_mask))
-    parts.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*parts), schedule
+    clip = (optax.clip_by_global_norm(float(opt.grad_clip_norm)) if opt.get("grad_clip_norm")
+            else optax.identity())
+    decay = (optax.add_decayed_weights(float(opt.weight_decay), mask=_decay_mask)
+             if opt.get("weight_decay") else optax.identity())
+    scale = _SCALERS[name](**dict(opt.get("kwargs", {}) or {}))
+    return optax.chain(clip, scale, decay, optax.scale_by_learning_rate(schedule)), schedule

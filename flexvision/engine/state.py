@@ -109,16 +109,35 @@ def load_workdir(workdir: str, *, config=None, step: int | None = None, mesh=Non
     ``config`` defaults to the workdir's config.json; ``image_shape`` (H, W, C) of one input
     only fixes shape-dependent parameters such as a ViT's position embedding (default: the
     model's native size, :func:`native_image_shape`); ``sharding_config`` replaces
-    ``config.sharding`` for the placement. ValueError when the workdir has no checkpoint.
+    ``config.sharding`` for the placement. Nothing is created in ``workdir``. WorkdirError (a
+    ValueError) when it has no checkpoint; with ``step`` None a corrupt latest checkpoint is
+    skipped for the newest intact one (a warning names it); IncompatibleCheckpointError when the
+    checkpoint holds another model/optimizer than ``config``'s (engine/integrity.py).
     """
-    config = read_config(workdir) if config is None else config
+    from flexvision.engine.workdir import WorkdirError
+
     directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise WorkdirError(f"no checkpoint in {workdir}: {directory} does not exist (a mistyped "
+                           f"--workdir?); train first with `python -m flexvision.train "
+                           f"--config ... --workdir {workdir}`")
+    config = read_config(workdir) if config is None else config
     checkpointer = Checkpointer(directory, async_save=False)
-    step = checkpointer.latest_step() if step is None else int(step)
-    if step is None:
+    try:
+        return _load_checkpoint(checkpointer, workdir, config, step, mesh, image_shape,
+                                sharding_config)
+    finally:
         checkpointer.close()
-        raise ValueError(f"no checkpoint in {directory}: train first with "
-                         f"`python -m flexvision.train --config ... --workdir {workdir}`")
+
+
+def _load_checkpoint(checkpointer, workdir, config, step, mesh, image_shape, sharding_config):
+    from flexvision.engine.workdir import WorkdirError
+
+    steps = checkpointer.all_steps()
+    if not steps or (step is not None and int(step) not in steps):
+        raise WorkdirError(f"no checkpoint {'' if step is None else f'of step {step} '}in "
+                           f"{checkpointer.directory} (it holds steps {steps}): train first with "
+                           f"`python -m flexvision.train --config ... --workdir {workdir}`")
     mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)]) if mesh is None else mesh
     model = build_model(config)
     tx, _ = optim.make_optimizer(config)
@@ -128,18 +147,12 @@ def load_workdir(workdir: str, *, config=None, step: int | None = None, mesh=Non
             config.sharding = sharding_config
     abstract, _ = abstract_train_state(model, tx, image_shape or native_image_shape(model),
                                        config, mesh)
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
+    step, state, _ = checkpointer.restore_newest_good(
+        abstract, steps=None if step is None else [int(step)])
     return config, model, eval_variables(state), step
 
 
 def native_image_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(H, W, C) at which every parameter shape of ``model`` is defined: posemb grid x patch
-    size for ViTs, 224 x 224 otherwise."""
-    from flexvision.layers.flex import to_pair
-
-    channels = int(getattr(model, "in_chans", 3))
-    if hasattr(model, "posemb_grid") and hasattr(model, "patch_size"):
-        grid, patch = to_pair(model.posemb_grid), to_pair(model.patch_size)
-        return (grid[0] * patch[0], grid[1] * patch[1], channels)
-    return (224, 224, channels)
+    """(H, W, C) at which every parameter shape of ``model`` is defined: the model contract's
+    ``input_shape()`` (posemb grid x patch size for ViTs, 224 x 224 otherwise)."""
+    return tuple(model.input_shape())

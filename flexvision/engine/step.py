@@ -12,7 +12,6 @@ resumed run repeats it exactly.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,8 +26,9 @@ State = dict[str, Any]
 
 
 def accepts_patch_size(model: nn.Module) -> bool:
-    """Whether ``model.__call__`` takes a ``patch_size`` argument (FlexiViT-style models)."""
-    return "patch_size" in inspect.signature(type(model).__call__).parameters
+    """Whether the model takes a ``patch_size`` argument (FlexiViT-style models): the model
+    contract's ``flex_kwargs`` (flexvision/models/contract.py) says so."""
+    return "patch_size" in model.flex_kwargs
 
 
 def model_kwargs(model: nn.Module, patch_size: int | None) -> dict[str, Any]:

@@ -19,7 +19,8 @@ Two libraries' conventions are reproduced exactly, selected by ``method``:
 The architectures ported from PyTorch resize with ``torch.nn.functional.interpolate`` without
 antialiasing; those matrices live here too: bilinear (HRNet's segmentation neck, MViT's position
 embeddings and relative-position tables), bicubic with a = -0.75 (Swin's bias tables when a
-checkpoint moves to another window), and nearest (HRNet's fuse layers).
+checkpoint moves to another window), and nearest (HRNet's fuse layers; mmseg's HRNet, which BPR
+uses, fuses bilinearly instead: upsample by 2**k, then resize to the target branch).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexvision.layers.common import CONV_AXES, param_init
+from flexvision.layers.windows import pad_to_multiple
 
 RESIZE_METHODS = ("big_vision", "timm")
 _KERNELS_1D = ("tf_bilinear", "torch_bilinear", "jax_linear", "torch_bicubic_aa", "torch_bicubic")
@@ -270,6 +272,31 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def upsample_then_resize_matrix_1d(in_size: int, factor: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of mmseg's HRNet upward fuse along one axis: ``Upsample(
+    scale_factor=factor, mode="bilinear", align_corners=False)`` to ``in_size * factor``, then
+    ``resize(size=out_size, mode="bilinear", align_corners=False)`` (mmseg/models/backbones/
+    hrnet.py ``HRModule.forward``), composed into one matrix. The second resize is the identity
+    when ``out_size == in_size * factor``; otherwise (sizes that do not halve exactly) the two
+    interpolations differ from one direct resize. Read-only (shared through the cache)."""
+    upsampled = in_size * factor
+    matrix = resize_matrix_1d(in_size, upsampled, "torch_bilinear")
+    if out_size != upsampled:
+        matrix = resize_matrix_1d(upsampled, out_size, "torch_bilinear") @ matrix
+    return _read_only(np.array(matrix))
+
+
+def upsample_then_resize_bilinear(x: jax.Array, factor: int, size: Sequence[int]) -> jax.Array:
+    """NHWC ``x`` upsampled bilinearly by the integer ``factor`` and then resized bilinearly to
+    spatial ``size`` (both torch ``align_corners=False``), as mmseg's HRNet fuse layers do: one
+    matmul per axis with the cached :func:`upsample_then_resize_matrix_1d`."""
+    (in_h, in_w), (out_h, out_w) = x.shape[1:3], (int(size[0]), int(size[1]))
+    rows = jnp.asarray(upsample_then_resize_matrix_1d(in_h, int(factor), out_h), x.dtype)
+    cols = jnp.asarray(upsample_then_resize_matrix_1d(in_w, int(factor), out_w), x.dtype)
+    return jnp.einsum("oh,pw,bhwc->bopc", rows, cols, x)
+
+
 def resize_bilinear(x: jax.Array, size: Sequence[int], precision=None) -> jax.Array:
     """Bilinear resize of NHWC ``x`` to spatial ``size``: torch ``F.interpolate(mode="bilinear",
     align_corners=False)``, one matmul per axis with the cached "torch_bilinear" matrices
@@ -352,11 +379,25 @@ def resize_relative_position_bias_table(table: np.ndarray, new_window: tuple[int
     return resized.reshape(heads, out_h * out_w).T.astype(np.float32)
 
 
+def check_static(value, what: str) -> None:
+    """ValueError unless ``value`` (a call-time size such as ``patch_size``) is concrete.
+
+    ``jax.jit(model.apply)(v, x, patch_size=8)`` traces the 8; it sets array shapes, so it must
+    be a Python int at trace time: the error says to mark the argument static.
+    """
+    values = value if isinstance(value, Sequence) else (value,)
+    if any(isinstance(v, jax.core.Tracer) for v in (value, *values)):
+        raise ValueError(f"{what} is a traced value ({type(value).__name__}) but sets array "
+                         f"shapes, so it must be a static Python int or pair: under jax.jit mark "
+                         f"it static, e.g. jax.jit(model.apply, static_argnames=('{what}',)), or "
+                         f"bind it with functools.partial(model.apply, {what}=...)")
+
+
 def check_patchable(image_hw: Sequence[int], patch_hw: tuple[int, int]) -> tuple[int, int]:
     """The token grid (H / P_h, W / P_w); ValueError unless the patch size tiles the image.
 
-    flexvision neither crops nor pads: an image the patch does not tile is an error that names
-    the patch sizes that would tile it.
+    Nothing is cropped or padded here: an image the patch does not tile is an error that names
+    the patch sizes that would tile it (FlexiPatchEmbed pads first when ``dynamic_img_pad``).
     """
     height, width = int(image_hw[0]), int(image_hw[1])
     if height < patch_hw[0] or width < patch_hw[1]:
@@ -367,7 +408,8 @@ def check_patchable(image_hw: Sequence[int], patch_hw: tuple[int, int]) -> tuple
         common = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
         raise ValueError(f"patch size {patch_hw[0]}x{patch_hw[1]} does not tile a {height}x{width} "
                          f"image; square patch sizes that tile it: {common}. Resize or crop the "
-                         f"image to a multiple of the patch size (flexvision does not pad)")
+                         f"image to a multiple of the patch size, or build the ViT with "
+                         f"dynamic_img_pad=True to zero-pad it")
     return height // patch_hw[0], width // patch_hw[1]
 
 
@@ -377,6 +419,8 @@ class FlexiPatchEmbed(nn.Module):
     Stores ONE (P_h, P_w, C_in, width) kernel at the base ``patch_size``; a call with another
     (static) patch size PI-resizes it with ``resize``'s interpolation (:func:`pi_resize_kernel`)
     and embeds non-overlapping patches. Returns the (B, H/P'_h, W/P'_w, width) token map.
+    ``dynamic_img_pad`` zero-pads images the patch does not tile at the bottom and right (timm's
+    PatchEmbed ``dynamic_img_pad``: a ceil(H / P_h) x ceil(W / P_w) grid) instead of raising.
     """
 
     width: int
@@ -384,6 +428,7 @@ class FlexiPatchEmbed(nn.Module):
     in_chans: int = 3
     resize: str = "timm"
     use_bias: bool = True
+    dynamic_img_pad: bool = False
     dtype: jax.typing.DTypeLike | None = None
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
@@ -391,11 +436,14 @@ class FlexiPatchEmbed(nn.Module):
     def __call__(self, images: jax.Array, patch_size: int | Sequence[int] | None = None
                  ) -> jax.Array:
         base = to_pair(self.patch_size, "base patch_size")
+        check_static(patch_size, "patch_size")
         patch = base if patch_size is None else to_pair(patch_size, "patch_size")
         if images.ndim != 4 or images.shape[-1] != self.in_chans:
             raise ValueError(f"images must be NHWC with {self.in_chans} channels, i.e. shape "
                              f"(batch, height, width, {self.in_chans}); got shape "
                              f"{tuple(images.shape)}")
+        if self.dynamic_img_pad:
+            images = pad_to_multiple(images, patch)
         check_patchable(images.shape[1:3], patch)
         kernel = self.param("kernel", param_init(self.kernel_init, CONV_AXES),
                             (*base, self.in_chans, self.width), jnp.float32)

@@ -1,1 +1,2 @@
-"""Architecture families, one file each. Importing a file registers its variants."""
+"""Architecture families, one file each. Importing a file registers its variants; every family's
+module implements the model contract of contract.py (docs/models.md)."""

@@ -25,6 +25,7 @@ patch embedding drops a remainder and an odd map before a merging raises ValueEr
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Sequence
@@ -37,6 +38,7 @@ from flexvision.layers.common import conv, dense, param_init
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp, gelu_exact
 from flexvision.layers.shift import shift_channels
+from flexvision.models.contract import Backbone, FeatureInfo, stage_strides
 from flexvision.registry import register_model
 
 
@@ -146,7 +148,7 @@ class PatchMerging(nn.Module):
                      name="reduction")(x)
 
 
-class ASMLP(nn.Module):
+class ASMLP(Backbone):
     """AS-MLP: 4x4 patch embedding + GroupNorm, four stages of axial shifted blocks joined by
     patch merging, GroupNorm, global average pooling and a linear head.
 
@@ -159,6 +161,7 @@ class ASMLP(nn.Module):
       patch_size: side of the square patch embedding.
       patch_norm: GroupNorm after the patch embedding.
       num_classes: classifier outputs; 0 returns the pooled features from ``__call__``.
+      in_chans: input channels of the patch embedding.
       drop_rate: dropout after the embedding and in the MLPs.
       drop_path_rate: stochastic depth, increasing linearly over all blocks to this rate.
       pad_to_fit: accept any input size by zero padding as the detection backbone (see module
@@ -174,6 +177,7 @@ class ASMLP(nn.Module):
     patch_size: int = 4
     patch_norm: bool = True
     num_classes: int = 1000
+    in_chans: int = 3
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pad_to_fit: bool = True
@@ -192,7 +196,7 @@ class ASMLP(nn.Module):
             x = group_norm_one_group(self.dtype, "patch_norm")(x)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
-        features, block_index = {}, 0
+        features, block_index = collections.OrderedDict(), 0
         for stage, depth in enumerate(self.depths):
             if stage > 0:
                 x = PatchMerging(self.pad_to_fit, dtype=self.dtype, name=f"downsample{stage}")(x)
@@ -220,18 +224,18 @@ class ASMLP(nn.Module):
         'pre_logits' (B, C)."""
         return self._forward(images, train, False)[0]
 
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """'stage1'..'stageN' at strides patch_size * 2**i with embed_dim * 2**i channels; with
+        ``pad_to_fit`` a map of stride s on an H x W input is ceil(H / s) x ceil(W / s)."""
+        return tuple(FeatureInfo(f"stage{i + 1}", stride, self.embed_dim * 2 ** i)
+                     for i, stride in enumerate(stage_strides(self.patch_size, len(self.depths))))
+
     def _check(self, images: jax.Array) -> None:
         if self.shift_size < 1 or self.shift_size % 2 == 0:
             raise ValueError(f"AS-MLP shift_size must be a positive odd integer (the official "
                              f"Shift kernel's requirement), got {self.shift_size}")
-        if images.ndim != 4:
-            raise ValueError(f"AS-MLP expects NHWC images (batch, height, width, channels), got "
-                             f"an array of shape {tuple(images.shape)}; add a batch axis for one "
-                             f"image")
-        height, width = images.shape[1:3]
-        if min(height, width) < 1 or (not self.pad_to_fit and min(height, width) < self.patch_size):
-            raise ValueError(f"AS-MLP got a {height}x{width} image; it needs at least "
-                             f"{1 if self.pad_to_fit else self.patch_size} pixel(s) per side")
+        side = 1 if self.pad_to_fit else self.patch_size
+        self._check_inputs(images, min_size=(side, side))
 
 
 _VARIANTS = {
@@ -246,3 +250,7 @@ for _name, (_dim, _depths) in _VARIANTS.items():
                    description=f"AS-MLP-{_name.split('_')[1][0].upper()} (official as_mlp.py, "
                                f"patch 4, shift 5)",
                    embed_dim=_dim, depths=_depths, shift_size=5)
+register_model("asmlp_micro", ASMLP, family="asmlp", tiny=True,
+               description="micro AS-MLP for CPU tests: width 8 doubling per stage, one block per "
+                           "stage, shift 3, MLP ratio 2",
+               embed_dim=8, depths=(1, 1, 1, 1), shift_size=3, mlp_ratio=2.0)

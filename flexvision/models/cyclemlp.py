@@ -19,6 +19,7 @@ along the *height*.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Sequence
 
@@ -31,6 +32,7 @@ from flexvision.layers.common import conv, dense, param_init
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp, gelu_exact
 from flexvision.layers.shift import shift_channels
+from flexvision.models.contract import Backbone, FeatureInfo, per_stage
 from flexvision.registry import register_model
 
 MIN_INPUT_SIZE = 3  # the 7x7 stride-4 patch embedding with padding 2 needs at least 3 pixels
@@ -152,46 +154,74 @@ class CycleBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
 
-class CycleMLP(nn.Module):
+class CycleMLP(Backbone):
     """CycleNet: overlapping 7x7/4 patch embedding, four stages of CycleBlocks joined by 3x3/2
     convolutions, LayerNorm, global average pooling and a linear head.
 
-    Attributes:
+    Attributes (timm's names; the official CycleNet's ``layers``, ``embed_dims`` and
+    ``mlp_ratios`` are read by :func:`flexvision.convert.from_official`):
       depths: blocks per stage (the official ``layers``).
-      embed_dims: channel width per stage.
-      mlp_ratios: hidden width of each stage's MLP over its width.
+      embed_dim: channel width per stage (a tuple), or an int: stage 1's, doubling per stage.
+      mlp_ratio: hidden width of the MLPs over the block width: one float, or one per stage.
       transitions: whether a 3x3 stride-2 convolution downsamples after stage i (the official
         code requires it wherever the width changes).
       num_classes: classifier outputs; 0 returns the pooled features from ``__call__``.
+      in_chans: input channels of the patch embedding.
       qkv_bias: bias of the channel FC ``mlp_c`` (official default False).
       skip_lam: divisor of each residual branch (official default 1.0).
+      drop_rate: dropout before the head (timm's meaning; the official CycleNet has none).
       drop_path_rate: stochastic depth, increasing linearly over all blocks to this rate.
       dtype: compute dtype; parameters stay float32.
     """
 
     depths: Sequence[int] = (2, 2, 4, 2)
-    embed_dims: Sequence[int] = (64, 128, 320, 512)
-    mlp_ratios: Sequence[float] = (4, 4, 4, 4)
+    embed_dim: int | Sequence[int] = (64, 128, 320, 512)
+    mlp_ratio: float | Sequence[float] = 4.0
     transitions: Sequence[bool] = (True, True, True, True)
     num_classes: int = 1000
+    in_chans: int = 3
     qkv_bias: bool = False
     skip_lam: float = 1.0
+    drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: jax.typing.DTypeLike | None = None
 
+    @property
+    def embed_dims(self) -> tuple[int, ...]:
+        """Width of each stage (from ``embed_dim``)."""
+        return per_stage(self.embed_dim, len(self.depths), "embed_dim")
+
+    @property
+    def mlp_ratios(self) -> tuple[float, ...]:
+        """MLP ratio of each stage (from ``mlp_ratio``)."""
+        if isinstance(self.mlp_ratio, (int, float, np.integer, np.floating)):
+            return (float(self.mlp_ratio),) * len(self.depths)
+        ratios = tuple(float(r) for r in self.mlp_ratio)
+        if len(ratios) != len(self.depths):
+            raise ValueError(f"CycleMLP: mlp_ratio {ratios} needs one entry per stage "
+                             f"({len(self.depths)}), or give one float")
+        return ratios
+
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """'stage1'..'stageN': stride 4, doubled by each transition before the stage."""
+        info, stride = [], 4
+        for stage, dim in enumerate(self.embed_dims):
+            if stage > 0 and self.transitions[stage - 1]:
+                stride *= 2
+            info.append(FeatureInfo(f"stage{stage + 1}", (stride, stride), dim))
+        return tuple(info)
+
     def _check_config(self) -> None:
         stages = len(self.depths)
-        if not (len(self.embed_dims) == len(self.mlp_ratios) == stages
-                and len(self.transitions) >= stages - 1):
-            raise ValueError(
-                f"CycleMLP: depths {tuple(self.depths)}, embed_dims {tuple(self.embed_dims)} and "
-                f"mlp_ratios {tuple(self.mlp_ratios)} need one entry per stage, and transitions "
-                f"{tuple(self.transitions)} one per stage boundary")
+        dims = self.embed_dims
+        if len(self.transitions) < stages - 1:
+            raise ValueError(f"CycleMLP: transitions {tuple(self.transitions)} needs one entry "
+                             f"per stage boundary ({stages - 1})")
         for i in range(stages - 1):
-            if not self.transitions[i] and self.embed_dims[i] != self.embed_dims[i + 1]:
+            if not self.transitions[i] and dims[i] != dims[i + 1]:
                 raise ValueError(
-                    f"CycleMLP: the width changes from {self.embed_dims[i]} to "
-                    f"{self.embed_dims[i + 1]} after stage {i + 1} without a transition; the "
+                    f"CycleMLP: the width changes from {dims[i]} to "
+                    f"{dims[i + 1]} after stage {i + 1} without a transition; the "
                     f"official CycleNet only changes width in a downsampling transition, so set "
                     f"transitions[{i}]=True or keep the width")
 
@@ -199,17 +229,18 @@ class CycleMLP(nn.Module):
     def _forward(self, images: jax.Array, train: bool, with_head: bool
                  ) -> tuple[dict[str, jax.Array], jax.Array]:
         self._check_config()
-        _check_images(images)
+        self._check_inputs(images, min_size=(MIN_INPUT_SIZE, MIN_INPUT_SIZE))
         x = conv(self.embed_dims[0], (7, 7), strides=4, padding=((2, 2), (2, 2)),
                  dtype=self.dtype, name="patch_embed")(images.astype(self.dtype or images.dtype))
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
-        features, block_index = {}, 0
+        features, block_index = collections.OrderedDict(), 0
+        mlp_ratios = self.mlp_ratios
         for stage, (depth, dim) in enumerate(zip(self.depths, self.embed_dims)):
             if stage > 0 and self.transitions[stage - 1]:
                 x = conv(dim, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
                          name=f"downsample{stage}")(x)
             for block in range(depth):
-                x = CycleBlock(self.mlp_ratios[stage], qkv_bias=self.qkv_bias,
+                x = CycleBlock(mlp_ratios[stage], qkv_bias=self.qkv_bias,
                                drop_path=rates[block_index], skip_lam=self.skip_lam,
                                dtype=self.dtype,
                                name=f"stage{stage + 1}_block{block}")(x, train=train)
@@ -219,28 +250,19 @@ class CycleMLP(nn.Module):
         features["pre_logits"] = jnp.mean(x, axis=(1, 2))
         logits = features["pre_logits"]
         if with_head and self.num_classes > 0:
+            logits = nn.Dropout(self.drop_rate, deterministic=not train)(logits)
             logits = dense(self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
                            name="head")(logits)
         return features, logits
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes) for NHWC ``images`` of any height and width >= 3."""
+        """Logits (B, num_classes) for NHWC ``images`` of any height and width >= 3. A stage
+        map of stride 4 * 2**k is (floor((H - 3) / 4) + 1) halved k times, rounding up."""
         return self._forward(images, train, True)[1]
 
     def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """'stage1'..'stage4' NHWC maps (strides 4, 8, 16, 32) and 'pre_logits' (B, C)."""
         return self._forward(images, train, False)[0]
-
-
-def _check_images(images: jax.Array) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"CycleMLP expects NHWC images (batch, height, width, channels), got "
-                         f"an array of shape {tuple(images.shape)}; add a batch axis for one image")
-    height, width = images.shape[1:3]
-    if min(height, width) < MIN_INPUT_SIZE:
-        raise ValueError(f"CycleMLP takes any height and width >= {MIN_INPUT_SIZE} (its 7x7 "
-                         f"stride-4 patch embedding pads by 2); got {height}x{width}. Resize or "
-                         f"pad the images")
 
 
 _VARIANTS = {
@@ -256,5 +278,9 @@ _VARIANTS = {
 for _name, (_depths, _dims, _ratios) in _VARIANTS.items():
     register_model(_name, CycleMLP, family="cyclemlp",
                    description=f"CycleMLP-{_name[-2:].upper()} (official cycle_mlp.py)",
-                   depths=_depths, embed_dims=_dims, mlp_ratios=_ratios,
+                   depths=_depths, embed_dim=_dims, mlp_ratio=_ratios,
                    transitions=(True, True, True, True))
+register_model("cyclemlp_micro", CycleMLP, family="cyclemlp", tiny=True,
+               description="micro CycleMLP for CPU tests: one block per stage, widths 8-64, "
+                           "MLP ratio 2", depths=(1, 1, 1, 1), embed_dim=8, mlp_ratio=2.0,
+               transitions=(True, True, True, True))

@@ -36,6 +36,7 @@ the 'batch_stats' collection must be mutable::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Sequence
 
@@ -44,7 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from flexvision.layers import common
-from flexvision.layers.flex import resize_bilinear, resize_nearest
+from flexvision.layers.flex import resize_bilinear, resize_nearest, upsample_then_resize_bilinear
+from flexvision.models.contract import Backbone, FeatureInfo, stage_strides
 from flexvision.registry import register_model
 
 BN_EPSILON = 1e-5
@@ -53,6 +55,9 @@ BN_MOMENTUM = 0.9
 # The classification neck's per-branch bottleneck widths (x4 expansion: 128, 256, 512, 1024).
 HEAD_CHANNELS = (32, 64, 128, 256)
 BOTTLENECK_EXPANSION = 4
+STEM_CHANNELS = 64  # the stem's second conv (timm: 64 whatever stem_width)
+# Upsampling of the upward fuse paths: timm / official HRNet ("nearest"), mmseg ("bilinear").
+FUSE_MODES = ("nearest", "bilinear")
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # kaiming, fan_out, relu
 
@@ -211,12 +216,17 @@ _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 class ExchangeUnit(nn.Module):
     """One multi-resolution module (timm's ``HighResolutionModule``), paper Sec. 3 / Fig. 2:
     residual blocks per branch, then output ``i`` = ReLU(sum_j f_ij(x_j)) where f_ii is the
-    identity, f_ij (j > i) a 1x1 conv + BN upsampled (nearest) to branch i's exact size, and
-    f_ij (j < i) ``i - j`` stride-2 3x3 convs + BN (ReLU between them, not after the last)."""
+    identity, f_ij (j > i) a 1x1 conv + BN upsampled to branch i's exact size, and
+    f_ij (j < i) ``i - j`` stride-2 3x3 convs + BN (ReLU between them, not after the last).
+
+    ``fuse_mode``: "nearest" (timm) upsamples with nearest neighbours; "bilinear" (mmseg, BPR)
+    upsamples bilinearly by 2**(j - i) and then resizes bilinearly to branch i's size
+    (align_corners=False both), see ``flex.upsample_then_resize_bilinear``."""
 
     spec: StageSpec
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
+    fuse_mode: str = "nearest"
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
@@ -237,7 +247,11 @@ class ExchangeUnit(nn.Module):
                     term = x
                 elif j > i:
                     term = ConvNormAct(widths[i], 1, act=False, **kw, name=f"fuse_{i}_{j}")(x, train)
-                    term = resize_nearest(term, xs[i].shape[1:3])
+                    if self.fuse_mode == "bilinear":
+                        term = upsample_then_resize_bilinear(term, 2 ** (j - i),
+                                                             xs[i].shape[1:3])
+                    else:
+                        term = resize_nearest(term, xs[i].shape[1:3])
                 else:
                     steps = tuple((widths[j], 2, True) for _ in range(i - j - 1))
                     steps += ((widths[i], 2, False),)
@@ -245,14 +259,6 @@ class ExchangeUnit(nn.Module):
                 total = term if total is None else total + term
             fused.append(nn.relu(total))
         return fused
-
-
-def _check_images(images: jax.Array, in_chans: int, model: str) -> None:
-    if images.ndim != 4 or images.shape[-1] != in_chans:
-        raise ValueError(
-            f"{model} takes NHWC images of shape (batch, height, width, {in_chans}), got shape "
-            f"{tuple(images.shape)}; any height and width >= 1 work. Transpose NCHW input with "
-            f"x.transpose(0, 2, 3, 1).")
 
 
 class HRNetBackbone(nn.Module):
@@ -264,16 +270,19 @@ class HRNetBackbone(nn.Module):
     stem_width: int = 64
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
+    fuse_mode: str = "nearest"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
         if len(self.stages) < 2 or len(self.stages[0].num_channels) != 1:
             raise ValueError(f"HRNet needs a one-branch stage 1 and at least one more stage, got "
                              f"{self.stages}")
+        if self.fuse_mode not in FUSE_MODES:
+            raise ValueError(f"fuse_mode must be one of {FUSE_MODES}, got {self.fuse_mode!r}")
         kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
         x = _conv(self.stem_width, 3, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_norm(self, "bn1")(x, use_running_average=not train))
-        x = _conv(64, 3, 2, dtype=self.dtype, name="conv2")(x)
+        x = _conv(STEM_CHANNELS, 3, 2, dtype=self.dtype, name="conv2")(x)
         stem = nn.relu(_norm(self, "bn2")(x, use_running_average=not train))
 
         first = self.stages[0]
@@ -284,7 +293,8 @@ class HRNetBackbone(nn.Module):
         for s, spec in enumerate(self.stages[1:], start=2):
             xs = self._transition(xs, spec.out_channels, f"transition{s - 1}", train)
             for m in range(spec.num_modules):
-                xs = ExchangeUnit(spec, **kw, name=f"stage{s}_{m}")(xs, train)
+                xs = ExchangeUnit(spec, **kw, fuse_mode=self.fuse_mode,
+                                  name=f"stage{s}_{m}")(xs, train)
         return stem, xs
 
     def _transition(self, xs: list[jax.Array], widths: tuple[int, ...], name: str,
@@ -307,11 +317,22 @@ class HRNetBackbone(nn.Module):
         return out
 
 
-class HRNet(nn.Module):
+def hrnet_feature_info(stages: tuple[StageSpec, ...]) -> tuple[FeatureInfo, ...]:
+    """'stem' (stride 4, 64 channels) and 'stage1'..'stageN': branch k after the last exchange
+    unit, stride 4 * 2**(k-1), the last stage's widths. A map of stride s on an H x W input is
+    ceil(H / s) x ceil(W / s)."""
+    widths = stages[-1].out_channels
+    return (FeatureInfo("stem", (4, 4), STEM_CHANNELS),
+            *(FeatureInfo(f"stage{k + 1}", stride, width)
+              for k, (stride, width) in enumerate(zip(stage_strides(4, len(widths)), widths))))
+
+
+class HRNet(Backbone):
     """HRNet image classifier (timm ``HighResolutionNet``, head='classification').
 
     ``apply(v, x)`` -> logits; ``apply(v, x, method="features")`` -> dict with 'stem' (1/4,
-    64 channels), 'branch1'..'branch4' (1/4 .. 1/32), 'pre_logits' (pooled 2048 features).
+    64 channels), 'stage1'..'stage4' (the branches, 1/4 .. 1/32), 'pre_logits' (pooled 2048
+    features).
     """
 
     stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w18"]
@@ -323,22 +344,27 @@ class HRNet(nn.Module):
     drop_rate: float = 0.0
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
+    fuse_mode: str = "nearest"
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self._forward(images, train)["logits"]
 
-    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         outputs = self._forward(images, train)
         del outputs["logits"]
         return outputs
 
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return hrnet_feature_info(self.stages)
+
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
-        _check_images(images, self.in_chans, type(self).__name__)
+        self._check_inputs(images)
         kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
-        stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw, name="backbone")(
-            images, train)
-        outputs = {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)}}
+        stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw,
+                                       fuse_mode=self.fuse_mode, name="backbone")(images, train)
+        outputs = collections.OrderedDict(
+            stem=stem, **{f"stage{k + 1}": b for k, b in enumerate(branches)})
 
         y = None
         for i, branch in enumerate(branches):
@@ -355,8 +381,9 @@ class HRNet(nn.Module):
         pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
         outputs["pre_logits"] = pooled
         pooled = nn.Dropout(self.drop_rate, deterministic=not train)(pooled)
-        logits = common.dense(self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
-                              name="classifier")(pooled)
+        logits = pooled if self.num_classes == 0 else common.dense(
+            self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
+            name="classifier")(pooled)
         outputs["logits"] = logits.astype(jnp.float32)
         return outputs
 
@@ -364,7 +391,9 @@ class HRNet(nn.Module):
 class HRNetV2Head(nn.Module):
     """HRNetV2 representation head (HRNet-Semantic-Segmentation ``seg_hrnet.py``): every branch
     upsampled bilinearly (align_corners=False) to the first branch's size, concatenated, 1x1 conv
-    (bias) + BN + ReLU ('last_layer'), then a 1x1 conv classifier (bias).
+    (bias) + BN + ReLU ('last_layer'), then a 1x1 conv classifier (bias). With
+    ``conv_bias=False`` it is mmseg's ``FCNHead`` in BPR's configuration (input_transform
+    'resize_concat', one bias-free 1x1 ConvModule, no concat_input, no dropout, ``conv_seg``).
 
     Returns ``(representation, logits)`` at the first branch's resolution.
     """
@@ -373,27 +402,42 @@ class HRNetV2Head(nn.Module):
     drop_rate: float = 0.0
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
+    conv_bias: bool = True
 
     @nn.compact
     def __call__(self, branches: Sequence[jax.Array], train: bool = False,
                  ) -> tuple[jax.Array, jax.Array]:
         size = branches[0].shape[1:3]
         y = jnp.concatenate([resize_bilinear(b, size) for b in branches], axis=-1)
-        y = ConvNormAct(y.shape[-1], 1, use_bias=True, bn_momentum=self.bn_momentum,
+        y = ConvNormAct(y.shape[-1], 1, use_bias=self.conv_bias, bn_momentum=self.bn_momentum,
                         dtype=self.dtype, name="last_layer")(y, train)
         representation = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
+        if self.num_classes == 0:  # no classifier: the representation is the output
+            return representation, representation
         y = nn.Dropout(self.drop_rate, deterministic=not train)(representation)
         logits = common.conv(self.num_classes, (1, 1), padding="VALID", dtype=self.dtype,
                              name="classifier")(y)
         return representation, logits
 
 
-class HRNetSegmentation(nn.Module):
+class HRNetSegmentation(Backbone):
     """HRNetV2 semantic segmentation: :class:`HRNetBackbone` + :class:`HRNetV2Head` ('head').
 
     ``apply(v, x)`` -> per-pixel logits (B, ceil(H/4), ceil(W/4), num_classes); upsample them to
-    the label size for the loss. ``method="features"`` -> 'stem', 'branch1'..'branch4' and
-    'pre_logits' (the per-pixel representation before the classifier).
+    the label size for the loss. ``method="features"`` -> 'stem', 'stage1'..'stage4' (the
+    branches) and 'pre_logits' (here the per-pixel representation before the classifier, an
+    NHWC map at stride 4).
+
+    ``upsample_logits=True`` returns the logits resized bilinearly (align_corners=False) to the
+    input size instead (mmseg ``EncoderDecoder.encode_decode``). ``fuse_mode``: see
+    :class:`ExchangeUnit`; ``head_conv_bias``: see :class:`HRNetV2Head` (``conv_bias``).
+
+    BPR's refinement network (``bpr_hrnet18s``, ``bpr_hrnet48``) is this model with
+    ``in_chans=4`` (RGB + the coarse mask mapped to {-1, +1}), bilinear fuse, the bias-free FCN
+    head, 2 classes and upsampled logits. BPR feeds the mask through its own 3x3 stride-2 conv
+    ``conv_mask`` added to ``conv1(rgb)``; a convolution is linear in its input channels, so that
+    is ``conv1`` over the 4 channels with the two kernels stacked on the input axis
+    (``convert/bpr.py`` stacks them).
     """
 
     stages: tuple[StageSpec, ...] = HRNET_STAGES["hrnet_w48"]
@@ -403,24 +447,35 @@ class HRNetSegmentation(nn.Module):
     drop_rate: float = 0.0
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
+    fuse_mode: str = "nearest"
+    head_conv_bias: bool = True
+    upsample_logits: bool = False
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         return self._forward(images, train)["logits"]
 
-    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         outputs = self._forward(images, train)
         del outputs["logits"]
         return outputs
 
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return hrnet_feature_info(self.stages)
+
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
-        _check_images(images, self.in_chans, type(self).__name__)
+        self._check_inputs(images)
         stem, branches = HRNetBackbone(self.stages, self.stem_width, bn_momentum=self.bn_momentum,
-                                       dtype=self.dtype, name="backbone")(images, train)
+                                       dtype=self.dtype, fuse_mode=self.fuse_mode,
+                                       name="backbone")(images, train)
         representation, logits = HRNetV2Head(self.num_classes, self.drop_rate, self.bn_momentum,
-                                             self.dtype, name="head")(branches, train)
-        return {"stem": stem, **{f"branch{k + 1}": b for k, b in enumerate(branches)},
-                "pre_logits": representation, "logits": logits.astype(jnp.float32)}
+                                             self.dtype, conv_bias=self.head_conv_bias,
+                                             name="head")(branches, train)
+        if self.upsample_logits:
+            logits = resize_bilinear(logits, images.shape[1:3])
+        return collections.OrderedDict(
+            stem=stem, **{f"stage{k + 1}": b for k, b in enumerate(branches)},
+            pre_logits=representation, logits=logits.astype(jnp.float32))
 
 
 for _name, _stages in HRNET_STAGES.items():
@@ -428,7 +483,24 @@ for _name, _stages in HRNET_STAGES.items():
                    description=f"timm {_name}: HRNet classifier (incre neck, 2048-d pool)")
     register_model(f"{_name}_seg", HRNetSegmentation, family="hrnet", stages=_stages,
                    description=f"HRNetV2 segmentation head on the {_name} backbone")
+register_model("hrnet_micro", HRNet, family="hrnet", tiny=True,
+               stages=hrnet_stages(8, stage1_blocks=1, stage1_width=8, blocks=1,
+                                   modules=(1, 1, 1))[:3],
+               stem_width=8, num_features=64,
+               description="micro HRNet for CPU tests: three stages (branches at strides 4, 8, "
+                           "16 of width 8, 16, 32), one block per branch, 64-d pool")
 for _name in ("hrnet_w18", "hrnet_w48"):
     register_model(f"{_name}_ssld", HRNet, family="hrnet", stages=HRNET_STAGES[_name],
                    head_conv_bias=False,
                    description=f"timm {_name}_ssld: {_name} with bias-free neck convs")
+
+# BPR refinement networks (tinyalpha/BPR configs/bpr/hrnet18s_128.py and hrnet48_256.py): mmseg
+# HRNetV2-W18-small / W48 with the coarse mask as 4th input channel, bilinear fuse, FCN head.
+BPR_STAGES = {"bpr_hrnet18s": HRNET_STAGES["hrnet_w18_small_v2"],
+              "bpr_hrnet48": HRNET_STAGES["hrnet_w48"]}
+for _name, _stages in BPR_STAGES.items():
+    register_model(_name, HRNetSegmentation, family="hrnet", stages=_stages, in_chans=4,
+                   num_classes=2, fuse_mode="bilinear", head_conv_bias=False,
+                   upsample_logits=True,
+                   description=f"BPR refinement net ({_name}): image + coarse mask -> "
+                               f"background/foreground logits at the input size")

@@ -20,6 +20,7 @@ patch grid (as SlowFast's ``_get_pos_embed``). At the size the model was built f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ from flexvision.layers.common import conv, dense, layer_norm, param_init
 from flexvision.layers.flex import resize_bilinear, to_pair
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.mlp import Mlp
+from flexvision.models.contract import Backbone, FeatureInfo, per_stage
 from flexvision.registry import register_model
 
 Size = tuple[int, int]
@@ -116,7 +118,8 @@ class PoolingAttention(nn.Module):
                                count_include_pad=True)
         new_size = grid.shape[1:3]
         grid = grid.reshape(batch, heads, *new_size, head_dim)
-        x = grid.transpose(0, 2, 3, 1, 4).reshape(batch, -1, heads, head_dim)
+        x = grid.transpose(0, 2, 3, 1, 4).reshape(batch, new_size[0] * new_size[1], heads,
+                                                  head_dim)
         x = _with_cls(cls_tok, x)
         if self.mode == "conv":
             x = layer_norm(self.norm_eps, dtype=self.dtype, name=f"norm_{name}")(x)
@@ -147,7 +150,7 @@ class PoolingAttention(nn.Module):
         out = dot_product_attention(q, k, v, bias=bias, train=train)
         if self.residual_pooling:
             out = out + q
-        out = out.reshape(batch, -1, self.dim_out)
+        out = out.reshape(batch, q.shape[1], self.dim_out)
         out = dense(self.dim_out, axes=("mlp", "embed"), dtype=self.dtype, name="proj")(out)
         return out, q_size
 
@@ -187,7 +190,7 @@ class MultiScaleBlock(nn.Module):
         kernel = tuple(s + 1 if s > 1 else s for s in self.stride_q)
         grid = nn.max_pool(x.reshape(batch, *size, width), kernel, strides=self.stride_q,
                            padding=tuple((k // 2, k // 2) for k in kernel))
-        return _with_cls(cls_tok, grid.reshape(batch, -1, width))
+        return _with_cls(cls_tok, grid.reshape(batch, grid.shape[1] * grid.shape[2], width))
 
     @nn.compact
     def __call__(self, x: jax.Array, size: Size, *, train: bool = False
@@ -219,7 +222,7 @@ class MultiScaleBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", None, "embed")), new_size
 
 
-class MultiScaleVit(nn.Module):
+class MultiScaleVit(Backbone):
     """MViTv2 / MViT v1 image classifier; fields are those of timm's ``MultiScaleVitCfg``.
 
     ``img_size`` only fixes the sizes of the position tables (the grid they were trained on);
@@ -228,7 +231,8 @@ class MultiScaleVit(nn.Module):
     'spatial' (decomposed relative positions) or 'none'. ``pool_q_all_blocks`` (not a timm
     field): True pools q with ``kernel_qkv`` in every block (MViTv2, timm); False pools q only in
     blocks with a q stride, as SlowFast's MViT v1 configs (POOL_Q_STRIDE lists only the stage
-    transitions). Returns logits (no softmax).
+    transitions). Returns logits (no softmax). A map of stride s on an H x W input is
+    ceil(H / s) x ceil(W / s) (the padded patch convolution and poolings round up).
     """
 
     depths: Sequence[int] = (2, 3, 16, 3)
@@ -303,6 +307,28 @@ class MultiScaleVit(nn.Module):
                 "num_heads": per_stage(self.num_heads, num_stages, "num_heads"),
                 "stride_q": stride_q, "stride_kv": stride_kv}
 
+    def stage_channels(self) -> tuple[int, ...]:
+        """Width of each stage's output: its own width, or with ``expand_attn=False`` (the
+        width grows in the MLP of a stage's last block) the next stage's."""
+        dims = self.stage_config()["embed_dim"]
+        if self.expand_attn:
+            return dims
+        return tuple(dims[min(i + 1, len(dims) - 1)] for i in range(len(dims)))
+
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """'stage1'..'stageN': strides patch_stride times the q strides so far."""
+        cfg = self.stage_config()
+        stride = to_pair(self.patch_stride, "patch_stride")
+        info = []
+        for i, (channels, stride_q) in enumerate(zip(self.stage_channels(), cfg["stride_q"])):
+            stride = (stride[0] * stride_q[0], stride[1] * stride_q[1])
+            info.append(FeatureInfo(f"stage{i + 1}", stride, channels))
+        return tuple(info)
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """``img_size``: the grid the position tables are built for."""
+        return (*to_pair(self.img_size, "img_size"), self.in_chans)
+
     def patch_grid(self, height: int, width: int) -> Size:
         """Token grid of the patch-embedding convolution for an input of this size."""
         kernel = to_pair(self.patch_kernel, "patch_kernel")
@@ -343,19 +369,10 @@ class MultiScaleVit(nn.Module):
     # ----- forward -----
 
     def _embed(self, images: jax.Array) -> tuple[jax.Array, Size]:
-        if images.ndim != 4 or images.shape[-1] != self.in_chans:
-            raise ValueError(f"MultiScaleVit expects NHWC images (batch, height, width, "
-                             f"{self.in_chans}), got shape {tuple(images.shape)}; transpose "
-                             f"NCHW inputs with x.transpose(0, 2, 3, 1)")
-        height, width = images.shape[1:3]
-        grid = self.patch_grid(height, width)
-        if min(grid) < 1:
-            kernel = to_pair(self.patch_kernel, "patch_kernel")
-            padding = to_pair(self.patch_padding, "patch_padding", minimum=0)
-            smallest = tuple(k - 2 * p for k, p in zip(kernel, padding))
-            raise ValueError(f"MultiScaleVit: input {height}x{width} is smaller than the patch "
-                             f"embedding can take; height and width must be at least "
-                             f"{smallest[0]}x{smallest[1]} (kernel {kernel}, padding {padding})")
+        kernel = to_pair(self.patch_kernel, "patch_kernel")
+        padding = to_pair(self.patch_padding, "patch_padding", minimum=0)
+        self._check_inputs(images, min_size=tuple(max(1, k - 2 * p)
+                                                  for k, p in zip(kernel, padding)))
         cfg = self.stage_config()
         x = conv(cfg["embed_dim"][0], to_pair(self.patch_kernel, "patch_kernel"),
                  strides=to_pair(self.patch_stride, "patch_stride"),
@@ -379,9 +396,17 @@ class MultiScaleVit(nn.Module):
             x = x + resample_abs_pos_embed(pos_embed, ref_grid, (gh, gw), prefix).astype(x.dtype)
         return nn.with_logical_constraint(x, ("batch", None, "embed")), (gh, gw)
 
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Logits (B, num_classes), or the pooled features if num_classes == 0."""
+        return self._forward(images, train)[1]
+
+    def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """'stage1'..'stage4' NHWC token maps (class token dropped) and the pooled 'pre_logits'."""
+        return self._forward(images, train)[0]
+
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, *,
-                 return_features: bool = False) -> jax.Array | dict[str, jax.Array]:
+    def _forward(self, images: jax.Array, train: bool
+                 ) -> tuple[dict[str, jax.Array], jax.Array]:
         self._check_config()
         cfg = self.stage_config()
         kernel = to_pair(self.kernel_qkv, "kernel_qkv")
@@ -389,7 +414,7 @@ class MultiScaleVit(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         rel_sizes = self._rel_pos_sizes(cfg)
         prefix = int(self.use_cls_token)
-        features, block_index = {}, 0
+        features, block_index = collections.OrderedDict(), 0
         num_stages = len(self.depths)
         for stage, depth in enumerate(self.depths):
             if self.expand_attn:
@@ -425,13 +450,7 @@ class MultiScaleVit(nn.Module):
                            name="head")(pooled)
         else:
             logits = pooled
-        if return_features:
-            return features
-        return logits
-
-    def features(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """'stage1'..'stage4' NHWC token maps (class token dropped) and the pooled 'pre_logits'."""
-        return self(images, train=train, return_features=True)
+        return features, logits
 
 
 def resample_abs_pos_embed(pos_embed: jax.Array, ref_grid: Size, grid: Size, prefix: int
@@ -485,6 +504,11 @@ for _name, _config in MVITV2_CONFIGS.items():
 register_model("mvit_base_16", MultiScaleVit, family="mvit",
                description="MViT-B-16 v1 image model (SlowFast MVIT_B_16_CONV)",
                **MVIT_V1_B16_CONFIG)
+register_model("mvitv2_micro", MultiScaleVit, family="mvit", tiny=True,
+               description="micro MViTv2 for CPU tests: one block per stage, width 8 doubling "
+                           "per stage, one head, position tables for 32 px",
+               depths=(1, 1, 1, 1), embed_dim=8, num_heads=1, img_size=32,
+               stride_kv_adaptive=(2, 2))
 
 TIMM_CFG_FIELDS = tuple(f.name for f in dataclasses.fields(MultiScaleVit)
                         if f.name not in ("parent", "name"))

@@ -40,6 +40,7 @@ so ``flexvision.convert.from_timm`` maps a timm state dict one to one.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Sequence
 
@@ -55,6 +56,7 @@ from flexvision.layers.flex import to_pair
 from flexvision.layers.mlp import Mlp
 from flexvision.layers.windows import (pad_to_multiple, shifted_window_mask, window_partition,
                                        window_reverse)
+from flexvision.models.contract import Backbone, FeatureInfo, stage_strides
 from flexvision.registry import register_model
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used by the reference
@@ -245,7 +247,7 @@ class SwinStage(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(Backbone):
     """Swin Transformer classifier (timm's ``SwinTransformer``), NHWC, any input size.
 
     ``img_size`` is the design resolution (timm's ``img_size``): it fixes each block's window and
@@ -253,11 +255,13 @@ class SwinTransformer(nn.Module):
     so the shape of the bias tables; any other size runs with those windows (module docstring).
 
     ``__call__`` returns logits; ``features`` returns {'stage1'..'stage4': NHWC maps (before the
-    final norm), 'pre_logits': pooled, normalized features}.
+    final norm), 'pre_logits': pooled, normalized features}. A map of stride s on an H x W input
+    is ceil(H / s) x ceil(W / s) (the image and odd maps are zero-padded).
     """
 
     num_classes: int = 1000
     img_size: int | Sequence[int] = 224
+    in_chans: int = 3
     patch_size: int = 4
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 6, 2)
@@ -299,23 +303,24 @@ class SwinTransformer(nn.Module):
         self.head = (dense(self.num_classes, axes=("embed", "classes"), dtype=self.dtype,
                            name="head") if self.num_classes > 0 else None)
 
-    def _check_input(self, images: jax.Array) -> None:
-        if images.ndim != 4:
-            raise ValueError(f"Swin expects NHWC images (batch, height, width, channels), got an "
-                             f"array of shape {tuple(images.shape)}; add a batch axis with "
-                             "images[None] for a single image")
-        if images.shape[1] < 1 or images.shape[2] < 1:
-            raise ValueError(f"Swin accepts any height and width >= 1, got "
-                             f"{images.shape[1]}x{images.shape[2]}")
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """'stage1'..'stageN' at strides patch_size * 2**i with embed_dim * 2**i channels."""
+        strides = stage_strides(self.patch_size, len(self.depths))
+        return tuple(FeatureInfo(f"stage{i + 1}", stride, self.embed_dim * 2 ** i)
+                     for i, stride in enumerate(strides))
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """``img_size``: the design size that fixes the windows and bias tables."""
+        return (*to_pair(self.img_size, "img_size"), self.in_chans)
 
     def features(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """Stage maps 'stage1'..'stageN' (NHWC) and 'pre_logits' (B, C), as timm's
         ``forward_intermediates`` (stages) and ``forward_head(pre_logits=True)``."""
-        self._check_input(images)
+        self._check_inputs(images)
         x = pad_to_multiple(images, (self.patch_size, self.patch_size))
         x = self.patch_embed_norm(self.patch_embed_proj(x.astype(self.dtype or x.dtype)))
         x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
-        out = {}
+        out = collections.OrderedDict()
         for i, stage in enumerate(self.stages):
             x = stage(x, train=train)
             out[f"stage{i + 1}"] = x
@@ -352,3 +357,8 @@ for _name, _config in _VARIANTS.items():
     register_model(_name, SwinTransformer, family="swin",
                    description=f"Swin Transformer {_name} (timm names and weights layout)",
                    **_config)
+register_model("swin_micro", SwinTransformer, family="swin", tiny=True,
+               description="micro Swin for CPU tests: width 16, window 4, designed for 32 px; "
+                           "two blocks in stage 1 (its 8x8 map gets a shifted block), one after",
+               img_size=32, embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2),
+               window_size=4, drop_path_rate=0.0)

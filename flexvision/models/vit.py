@@ -30,6 +30,7 @@ semantics (see :func:`resolve_big_vision_variant`).
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any, Sequence
 
@@ -42,9 +43,10 @@ from flexvision.layers.common import dense, layer_norm, param_init
 from flexvision.layers.drop import DropPath, drop_path_rates
 from flexvision.layers.flex import RESIZE_METHODS, FlexiPatchEmbed, resample_posemb, to_pair
 from flexvision.layers.mlp import Mlp, gelu_exact
+from flexvision.models.contract import Backbone, FeatureInfo
 from flexvision.registry import register_model, register_name_resolver
 
-POOL_TYPES = ("tok", "gap", "map", "none")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map", "prr", "none")
 _TOKEN_AXES = ("batch", "tokens", "embed")
 
 
@@ -111,43 +113,74 @@ class MAPHead(nn.Module):
         return out[:, 0]
 
 
-class VisionTransformer(nn.Module):
+def prr_pool(tokens: jax.Array, num_heads: int, reduce: str) -> jax.Array:
+    """Patch Representation Refinement pooling (timm layers/attention_pool.py AttentionPoolPrr,
+    from "Locality-Attending Vision Transformer", ICLR 2026), without its optional norms.
+
+    tokens (B, T, D) split into ``num_heads`` heads attend to themselves with no projections
+    (q = k = v), then ``reduce`` 'token' takes token 0 and 'avg' the mean over all T tokens.
+    Returns (B, D).
+    """
+    batch, length, width = tokens.shape
+    heads = tokens.reshape(batch, length, num_heads, width // num_heads)
+    refined = dot_product_attention(heads, heads, heads).reshape(batch, length, width)
+    return refined[:, 0] if reduce == "token" else jnp.mean(refined, axis=1)
+
+
+class VisionTransformer(Backbone):
     """ViT / DeiT / FlexiViT with any input size and any (static) patch size per call.
 
-    Fields:
+    Fields (timm's names; big_vision's ``width``, ``dropout``, ``drop_path``, ``pool_type`` are
+    accepted by ``create_model`` and translated, see :func:`big_vision_aliases`):
       num_classes: classifier outputs; 0 = no head (``__call__`` returns pre-logits).
       patch_size: base patch size of the one stored kernel (pair).
       posemb_grid: grid (h, w) of the stored position embedding.
-      width, depth, num_heads, mlp_dim: transformer size.
-      pool_type: 'tok' (class token), 'gap' (mean of patch tokens), 'map' (attention pooling),
-        'none' (every token; the head is applied per token).
+      embed_dim, depth, num_heads: transformer size.
+      mlp_ratio: MLP hidden width over embed_dim (timm); ``mlp_dim`` (big_vision), when set, is
+        the hidden width itself and wins (So400m's 4304 is no integer ratio of 1152).
+      global_pool: 'token' (class token), 'avg' (mean of the tokens), 'max' (their maximum),
+        'avgmax' ((mean + max) / 2), 'map' (attention pooling by a learned probe), 'prr'
+        (parameter-free self-attention over every token, then the class token or the mean:
+        timm's AttentionPoolPrr), 'none' (every token; the head is applied per token).
+      pool_include_prefix: 'avg', 'max', 'avgmax' and 'map' pool the prefix tokens (class,
+        distillation, registers) with the patch tokens; False (timm's default) pools the patch
+        tokens only. 'token', 'prr' and 'none' do not read it (timm: VisionTransformer.pool).
+      in_chans: input channels; drop_rate: dropout on tokens, attention output and MLPs;
+      drop_path_rate: stochastic depth, increasing linearly over the blocks to this rate.
       class_token, dist_token, num_reg_tokens: prefix tokens (dist_token = DeiT).
       posemb_prefix: the position embedding has entries for the prefix tokens (timm default);
         False = timm ``no_embed_class`` / big_vision.
       resize: 'timm' or 'big_vision': whose interpolation PI-resize and posemb resampling
         reproduce.
-      fc_norm: the final norm is applied after pooling (timm's default for 'gap') instead of to
-        every token before pooling (big_vision, timm 'token'/'map').
+      dynamic_img_pad: zero-pad images at the bottom/right to a multiple of the patch size
+        (timm ``dynamic_img_pad``) instead of raising when the patch does not tile them.
+      fc_norm: the final norm is applied after pooling (timm's default for 'avg', 'max' and
+        'avgmax') instead of to every token before pooling (big_vision, timm 'token'/'map').
       gelu_approximate: tanh GELU (big_vision) instead of the exact erf GELU (timm).
       distilled_training: with dist_token, ``train=True`` returns (cls_logits, dist_logits).
     """
 
+    flex_kwargs = ("patch_size",)
+
     num_classes: int = 1000
     patch_size: Sequence[int] = (16, 16)
     posemb_grid: Sequence[int] = (14, 14)
-    width: int = 768
+    embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
+    mlp_ratio: float = 4.0
     mlp_dim: int | None = None
-    pool_type: str = "tok"
+    global_pool: str = "token"
+    pool_include_prefix: bool = False
     class_token: bool = True
     dist_token: bool = False
     num_reg_tokens: int = 0
     posemb_prefix: bool = True
     resize: str = "timm"
+    dynamic_img_pad: bool = False
     in_chans: int = 3
-    dropout: float = 0.0
-    drop_path: float = 0.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     fc_norm: bool = False
@@ -161,36 +194,57 @@ class VisionTransformer(nn.Module):
         """Tokens before the patch tokens: class, distillation and register tokens."""
         return int(self.class_token) + int(self.dist_token) + self.num_reg_tokens
 
+    @property
+    def hidden_dim(self) -> int:
+        """MLP hidden width: ``mlp_dim`` if set, else int(embed_dim * mlp_ratio) (timm)."""
+        return self.mlp_dim or int(self.embed_dim * self.mlp_ratio)
+
+    def feature_info(self, patch_size: int | Sequence[int] | None = None
+                     ) -> tuple[FeatureInfo, ...]:
+        """'patch_embed', 'block0'..'block{depth-1}' and 'feature_map', all at stride
+        ``patch_size`` (the base patch size if None) with ``embed_dim`` channels."""
+        stride = to_pair(self.patch_size if patch_size is None else patch_size, "patch_size")
+        names = ["patch_embed", *(f"block{i}" for i in range(self.depth)), "feature_map"]
+        return tuple(FeatureInfo(n, stride, self.embed_dim) for n in names)
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """The posemb grid times the base patch size: where the position table is not
+        resampled."""
+        grid, patch = to_pair(self.posemb_grid, "posemb_grid"), to_pair(self.patch_size)
+        return (grid[0] * patch[0], grid[1] * patch[1], self.in_chans)
+
     def _check_config(self) -> None:
-        if self.pool_type not in POOL_TYPES:
-            raise ValueError(f"pool_type={self.pool_type!r} is unknown; accepted: {POOL_TYPES}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={self.global_pool!r} is unknown; accepted: "
+                             f"{GLOBAL_POOLS}")
         if self.resize not in RESIZE_METHODS:
             raise ValueError(f"resize={self.resize!r} is unknown; accepted: {RESIZE_METHODS}")
-        if self.pool_type == "tok" and not self.class_token:
-            raise ValueError("pool_type='tok' reads the class token: set class_token=True, or "
-                             "pick pool_type 'gap', 'map' or 'none'")
-        if self.dist_token and (not self.class_token or self.pool_type != "tok" or self.fc_norm):
-            raise ValueError("dist_token=True (DeiT) needs class_token=True, pool_type='tok' and "
-                             f"fc_norm=False; got class_token={self.class_token}, "
-                             f"pool_type={self.pool_type!r}, fc_norm={self.fc_norm}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' reads the class token: set class_token=True, "
+                             "or pick another global_pool, e.g. 'avg' or 'map'")
+        if self.dist_token and (not self.class_token or self.global_pool != "token"
+                                or self.fc_norm):
+            raise ValueError("dist_token=True (DeiT) needs class_token=True, "
+                             "global_pool='token' and fc_norm=False; got class_token="
+                             f"{self.class_token}, global_pool={self.global_pool!r}, "
+                             f"fc_norm={self.fc_norm}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by "
+                             f"num_heads={self.num_heads}")
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
 
     def _embed(self, images: jax.Array, patch_size, train: bool) -> tuple[jax.Array, jax.Array]:
         """Patch map (B, h, w, D) and the token sequence with prefix tokens and posembs added."""
         self._check_config()
-        if not hasattr(images, "ndim") or images.ndim != 4 or images.shape[-1] != self.in_chans:
-            raise ValueError(f"images must be NHWC with {self.in_chans} channels, i.e. shape "
-                             f"(batch, height, width, {self.in_chans}); got "
-                             f"{tuple(getattr(images, 'shape', ()))!r}")
+        self._check_inputs(images)
         dtype = self.dtype or jnp.float32
-        patch_map = FlexiPatchEmbed(self.width, to_pair(self.patch_size, "patch_size"),
-                                    in_chans=self.in_chans, resize=self.resize, dtype=self.dtype,
+        patch_map = FlexiPatchEmbed(self.embed_dim, to_pair(self.patch_size, "patch_size"),
+                                    in_chans=self.in_chans, resize=self.resize,
+                                    dynamic_img_pad=self.dynamic_img_pad, dtype=self.dtype,
                                     name="patch_embed")(images, patch_size)
         batch, grid_h, grid_w, _ = patch_map.shape
-        tokens = patch_map.reshape(batch, grid_h * grid_w, self.width)
+        tokens = patch_map.reshape(batch, grid_h * grid_w, self.embed_dim)
 
         prefix = []
         for name, count, std in (("cls_token", int(self.class_token), 1e-6),
@@ -199,14 +253,15 @@ class VisionTransformer(nn.Module):
             if count:
                 table = self.param(name, param_init(nn.initializers.normal(std),
                                                     (None, "tokens", "embed")),
-                                   (1, count, self.width), jnp.float32)
-                prefix.append(jnp.broadcast_to(table.astype(dtype), (batch, count, self.width)))
+                                   (1, count, self.embed_dim), jnp.float32)
+                prefix.append(jnp.broadcast_to(table.astype(dtype),
+                                               (batch, count, self.embed_dim)))
 
         old_grid = to_pair(self.posemb_grid, "posemb_grid")
         num_posemb_prefix = self.num_prefix_tokens if self.posemb_prefix else 0
         posemb = self.param("pos_embed", param_init(nn.initializers.normal(0.02),
                                                     (None, "tokens", "embed")),
-                            (1, num_posemb_prefix + old_grid[0] * old_grid[1], self.width),
+                            (1, num_posemb_prefix + old_grid[0] * old_grid[1], self.embed_dim),
                             jnp.float32)
         posemb = resample_posemb(posemb, old_grid, (grid_h, grid_w), num_posemb_prefix,
                                  self.resize).astype(dtype)
@@ -214,15 +269,15 @@ class VisionTransformer(nn.Module):
             tokens = jnp.concatenate(prefix + [tokens], axis=1) + posemb
         else:
             tokens = jnp.concatenate(prefix + [tokens + posemb], axis=1)
-        tokens = nn.Dropout(self.dropout, deterministic=not train)(tokens)
+        tokens = nn.Dropout(self.drop_rate, deterministic=not train)(tokens)
         return patch_map, nn.with_logical_constraint(tokens, _TOKEN_AXES)
 
     def _encode(self, tokens: jax.Array, train: bool, out: dict | None = None) -> jax.Array:
-        rates = drop_path_rates(self.drop_path, self.depth)
+        rates = drop_path_rates(self.drop_path_rate, self.depth)
         for index in range(self.depth):
-            tokens = EncoderBlock(self.num_heads, self.mlp_dim or 4 * self.width,
+            tokens = EncoderBlock(self.num_heads, self.hidden_dim,
                                   qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
-                                  gelu_approximate=self.gelu_approximate, dropout=self.dropout,
+                                  gelu_approximate=self.gelu_approximate, dropout=self.drop_rate,
                                   drop_path=rates[index], dtype=self.dtype,
                                   name=f"blocks_{index}")(tokens, train=train)
             if out is not None:
@@ -232,18 +287,31 @@ class VisionTransformer(nn.Module):
         return tokens
 
     def _pool(self, tokens: jax.Array) -> jax.Array:
-        """Pre-logits from the encoded tokens according to ``pool_type``."""
-        if self.pool_type == "tok":
+        """Pre-logits from the encoded tokens (B, prefix + h*w, D) according to ``global_pool``.
+
+        timm vision_transformer.py VisionTransformer.pool / global_pool_nlc: the reductions and
+        attention pooling see the patch tokens only unless ``pool_include_prefix``.
+        """
+        if self.global_pool == "token":
             pooled = tokens[:, 0]
-        elif self.pool_type == "gap":
-            pooled = jnp.mean(tokens[:, self.num_prefix_tokens:], axis=1)
-        elif self.pool_type == "map":
-            pooled = MAPHead(self.num_heads, self.mlp_dim or 4 * self.width,
-                             layer_norm_eps=self.layer_norm_eps,
-                             gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                             name="attn_pool")(tokens)
-        else:
+        elif self.global_pool == "none":
             pooled = tokens
+        elif self.global_pool == "prr":
+            pooled = prr_pool(tokens, self.num_heads, "token" if self.class_token else "avg")
+        else:
+            if not self.pool_include_prefix:
+                tokens = tokens[:, self.num_prefix_tokens:]
+            if self.global_pool == "avg":
+                pooled = jnp.mean(tokens, axis=1)
+            elif self.global_pool == "max":
+                pooled = jnp.max(tokens, axis=1)
+            elif self.global_pool == "avgmax":
+                pooled = 0.5 * (jnp.max(tokens, axis=1) + jnp.mean(tokens, axis=1))
+            else:
+                pooled = MAPHead(self.num_heads, self.hidden_dim,
+                                 layer_norm_eps=self.layer_norm_eps,
+                                 gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                                 name="attn_pool")(tokens)
         if self.fc_norm:
             pooled = layer_norm(self.layer_norm_eps, dtype=self.dtype, name="fc_norm")(pooled)
         return pooled
@@ -257,13 +325,18 @@ class VisionTransformer(nn.Module):
     def _forward(self, images: jax.Array, patch_size, train: bool, with_head: bool
                  ) -> dict[str, Any]:
         """The one compact method: features, and with ``with_head`` the 'logits' entry."""
-        out: dict[str, Any] = {}
         patch_map, tokens = self._embed(images, patch_size, train)
-        out["patch_embed"], out["embedded"] = patch_map, tokens
-        encoded = out["encoded"] = self._encode(tokens, train, out)
+        blocks: dict[str, jax.Array] = {}
+        encoded = self._encode(tokens, train, blocks)
         batch, grid_h, grid_w, _ = patch_map.shape
-        out["feature_map"] = encoded[:, self.num_prefix_tokens:].reshape(
-            batch, grid_h, grid_w, self.width)
+
+        def as_map(sequence: jax.Array) -> jax.Array:  # patch tokens -> (B, h, w, D)
+            return sequence[:, self.num_prefix_tokens:].reshape(batch, grid_h, grid_w,
+                                                                self.embed_dim)
+
+        out: dict[str, Any] = collections.OrderedDict(
+            patch_embed=patch_map, **{name: as_map(seq) for name, seq in blocks.items()},
+            feature_map=as_map(encoded))
         pre_logits = out["pre_logits"] = self._pool(encoded)
         if not with_head:
             return out
@@ -280,11 +353,12 @@ class VisionTransformer(nn.Module):
         out["logits"] = logits
         return out
 
-    def features(self, images: jax.Array, *, patch_size: int | Sequence[int] | None = None,
-                 train: bool = False) -> dict[str, jax.Array]:
-        """Named intermediates: 'patch_embed' (B, h, w, D) map, 'embedded' tokens with posemb,
-        'block0'..'block{depth-1}' tokens (B, prefix + h*w, D), 'encoded' (after the final norm,
-        or before fc_norm), 'feature_map' (B, h, w, D) patch tokens of 'encoded', 'pre_logits'."""
+    def features(self, images: jax.Array, *, train: bool = False,
+                 patch_size: int | Sequence[int] | None = None) -> dict[str, jax.Array]:
+        """NHWC maps (B, h, w, D) of the patch tokens, as :meth:`feature_info` lists them:
+        'patch_embed' (the patch embedding, before position embeddings), 'block0' ..
+        'block{depth-1}' (each block's output), 'feature_map' (after the final norm, or before
+        fc_norm); then 'pre_logits' (B, D) (or (B, tokens, D) for global_pool='none')."""
         return self._forward(images, patch_size, train, with_head=False)
 
     def __call__(self, images: jax.Array, *, train: bool = False,
@@ -300,7 +374,7 @@ class VisionTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Registered variants.
 
-_SIZES = {  # name: (width, depth, heads); mlp_dim = 4 * width
+_SIZES = {  # name: (embed_dim, depth, heads); MLP hidden width 4 * embed_dim (mlp_ratio 4)
     "micro": (96, 4, 3),
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
@@ -310,12 +384,34 @@ _SIZES = {  # name: (width, depth, heads); mlp_dim = 4 * width
 }
 
 
+def big_vision_aliases(options: dict[str, Any]) -> dict[str, Any]:
+    """``create_model`` options in big_vision's names -> the module's (timm's) names:
+    width -> embed_dim, dropout -> drop_rate, drop_path -> drop_path_rate, pool_type ->
+    global_pool with its values 'tok' -> 'token', 'gap' -> 'avg' ('map', 'none' unchanged).
+    Giving both names of one option is a ValueError."""
+    out = dict(options)
+    for old, new in (("width", "embed_dim"), ("dropout", "drop_rate"),
+                     ("drop_path", "drop_path_rate"), ("pool_type", "global_pool")):
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"ViT options {old!r} (big_vision's name) and {new!r} name the same "
+                             f"field; give only {new!r}")
+        value = out.pop(old)
+        out[new] = _BIG_VISION_POOL.get(value, value) if old == "pool_type" else value
+    return out
+
+
+_BIG_VISION_POOL = {"tok": "token", "gap": "avg", "map": "map", "none": "none"}
+
+
 def _register(name: str, size: str, patch: int, image: int, description: str, **extra) -> None:
-    width, depth, heads = _SIZES[size]
-    defaults = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
+    embed_dim, depth, heads = _SIZES[size]
+    defaults = dict(embed_dim=embed_dim, depth=depth, num_heads=heads,
                     patch_size=(patch, patch), posemb_grid=(image // patch, image // patch))
     defaults.update(extra)
-    register_model(name, VisionTransformer, family="vit", description=description, **defaults)
+    register_model(name, VisionTransformer, family="vit", description=description,
+                   aliases=big_vision_aliases, **defaults)
 
 
 for _size in ("tiny", "small", "base", "large"):
@@ -329,15 +425,16 @@ for _size in ("small", "base"):
 _register("vit_huge_patch14_224", "huge", 14, 224, "ViT-H/14 (timm)")
 _register("vit_small_patch16_224_gap", "small", 16, 224,
           "ViT-S/16 with global average pooling and fc_norm, no class token (timm 'avg')",
-          pool_type="gap", class_token=False, fc_norm=True)
+          global_pool="avg", class_token=False, fc_norm=True)
 _register("vit_base_patch16_224_map", "base", 16, 224,
           "ViT-B/16 with attention pooling (MAP), no class token",
-          pool_type="map", class_token=False)
+          global_pool="map", class_token=False)
 _register("vit_small_patch16_224_reg4", "small", 16, 224,
           "ViT-S/16 with 4 register tokens (posemb on patches only)",
           num_reg_tokens=4, posemb_prefix=False)
 _register("vit_micro", "micro", 8, 48,
-          "micro ViT for CPU experiments: width 96, depth 4, 3 heads, patch 8, 6x6 posemb grid")
+          "micro ViT for CPU experiments: width 96, depth 4, 3 heads, patch 8, 6x6 posemb grid",
+          tiny=True)
 
 for _size in ("tiny", "small", "base"):
     _register(f"deit_{_size}_patch16_224", _size, 16, 224, f"DeiT-{_size} /16 (timm)")
@@ -356,7 +453,7 @@ _register("flexivit_micro", "micro", 8, 48,
           "posemb grid without a cls entry (timm semantics)", posemb_prefix=False)
 
 
-_BIG_VISION_SIZES = {  # big_vision vit.py decode_variant: width, depth, mlp_dim, heads
+_BIG_VISION_SIZES = {  # big_vision vit.py decode_variant: width (embed_dim), depth, mlp_dim, heads
     "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "M": (512, 12, 2048, 8),
     "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16), "So400m": (1152, 27, 4304, 16),
     "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16), "G": (1664, 48, 8192, 16),
@@ -368,9 +465,10 @@ _BIG_VISION_VARIANT = re.compile(r"^(?P<size>[A-Za-z0-9]+)/(?P<patch>\d+)$")
 def resolve_big_vision_variant(name: str) -> tuple[str, dict[str, Any]] | None:
     """big_vision variant strings ("S/16", "B/8", "So400m/14") -> registered name + overrides.
 
-    The model gets big_vision's defaults: 'gap' pooling without a class token, posemb on
-    patches only (a 224 // patch grid), tanh GELU, zero-initialised head, big_vision resizing.
-    Override ``pool_type="tok", class_token=True`` for FlexiViT-style class-token models.
+    The model gets big_vision's defaults: 'gap' ('avg') pooling without a class token, posemb
+    on patches only (a 224 // patch grid), tanh GELU, zero-initialised head, big_vision
+    resizing. Override ``pool_type="tok", class_token=True`` (or timm's names
+    ``global_pool="token"``) for FlexiViT-style class-token models.
     """
     match = _BIG_VISION_VARIANT.match(name)
     if not match or match["size"] not in _BIG_VISION_SIZES:
@@ -378,8 +476,8 @@ def resolve_big_vision_variant(name: str) -> tuple[str, dict[str, Any]] | None:
     width, depth, mlp_dim, heads = _BIG_VISION_SIZES[match["size"]]
     patch = int(match["patch"])
     return "vit_base_patch16_224", dict(
-        width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=(patch, patch),
-        posemb_grid=(224 // patch, 224 // patch), pool_type="gap", class_token=False,
+        embed_dim=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=(patch, patch),
+        posemb_grid=(224 // patch, 224 // patch), global_pool="avg", class_token=False,
         posemb_prefix=False, gelu_approximate=True, head_zeroinit=True, resize="big_vision")
 
 

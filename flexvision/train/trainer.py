@@ -27,13 +27,14 @@ import jax.numpy as jnp
 
 from flexvision.data import pipeline
 from flexvision.engine import optim, patch_schedule, sharding
+from flexvision.engine import workdir as workdir_lib
 from flexvision.engine.cache import enable_compilation_cache
 from flexvision.engine.checkpoint import Checkpointer
 from flexvision.engine.evaluation import flat_metrics, format_table, write_final
 from flexvision.engine.state import (abstract_train_state, build_model, create_train_state,
                                      eval_variables)
 from flexvision.engine.step import accepts_patch_size, make_train_step
-from flexvision.train import distill, objective
+from flexvision.train import distill, objective, validate
 from flexvision.train.metrics import MetricWriter, Progress
 from flexvision.train.objective import Objective
 
@@ -79,23 +80,18 @@ class _SigtermFlag:
         return False
 
 
-def _save_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _non_finite_error(step_range: tuple[int, int], last_good: int | None, directory: str):
     where = (f"the last good checkpoint is step {last_good} in {directory}" if last_good is not None
              else "no checkpoint was saved before it")
     return FloatingPointError(
         f"loss or gradient became NaN/Inf between steps {step_range[0]} and {step_range[1]}; "
         f"stopped without saving the bad state ({where}). Lower config.lr, raise "
-        f"schedule.warmup_steps, or set optax.grad_clip_norm, then rerun to resume from it.")
+        f"config.schedule.warmup_steps or set config.optax.grad_clip_norm (e.g. "
+        f"--config.optax.grad_clip_norm=1.0), then rerun to resume from it.")
 
 
-def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None = None
-                       ) -> dict:
+def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None = None,
+                       allow_config_change: bool = False) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final
     eval table (also written to workdir/final_eval.json). Raises :class:`Preempted` after
     saving on SIGTERM and FloatingPointError on a non-finite loss.
@@ -103,24 +99,35 @@ def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None
     ``objective_fn(config, model, mesh) -> Objective`` chooses the task (default
     :func:`objective_for`: distillation for a ``config.distill`` block, else classification).
     A config with ``config.distill`` trained with an objective that is not a distillation one
-    is a ValueError, never a run that silently skips the teacher."""
-    workdir = os.path.abspath(workdir)
+    is a ValueError, never a run that silently skips the teacher.
+
+    Before training: every config value is checked (ConfigError naming the key), the workdir is
+    locked against a second run (WorkdirInUseError), unfinished orbax folders of a crashed run
+    are removed and the checkpoint folder must be writable (CheckpointWriteError). Resuming
+    restores the newest checkpoint that verifies (engine/integrity.py), refuses another
+    model/optimizer (IncompatibleCheckpointError) and run-defining config changes unless
+    ``allow_config_change`` (ConfigChangeError); configs are kept in config_history.jsonl."""
+    workdir = workdir_lib.check_workdir_arg(workdir)
+    validate.validate_config(config, build_model=build_model)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(config.get("compilation_cache_dir"))
-    _save_config(config, workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        workdir_lib.check_writable(os.path.join(workdir, "checkpoints"))
+        workdir_lib.clean_stale_tmp(os.path.join(workdir, "checkpoints"))
+        mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
+        with sharding.activation_rules(mesh, config.get("sharding")):
+            model = build_model(config)
+            task = (objective_fn or objective_for)(config, model, mesh)
+            if config.get("distill") is not None and task.name != "distillation":
+                raise ValueError(f"config.distill is set but the objective is {task.name!r}: "
+                                 f"the teacher would be ignored. Remove config.distill, or "
+                                 f"build the objective with "
+                                 f"flexvision.train.distill.distillation")
+            return _train_on_mesh(config, workdir, mesh, model, task, allow_config_change)
 
-    mesh = sharding.create_mesh(config.get("mesh") or [("data", -1)])
-    with sharding.activation_rules(mesh, config.get("sharding")):
-        model = build_model(config)
-        task = (objective_fn or objective_for)(config, model, mesh)
-        if config.get("distill") is not None and task.name != "distillation":
-            raise ValueError(f"config.distill is set but the objective is {task.name!r}: the "
-                             f"teacher would be ignored. Remove config.distill, or build the "
-                             f"objective with flexvision.train.distill.distillation")
-        return _train_on_mesh(config, workdir, mesh, model, task)
 
-
-def _train_on_mesh(config, workdir: str, mesh, model, task: Objective) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
+                   allow_config_change: bool = False) -> dict:
     """The body of :func:`train_and_evaluate`, inside the mesh's activation-sharding rules."""
     seed, total_steps = int(config.seed), int(config.total_steps)
     tx, schedule = optim.make_optimizer(config)
@@ -136,11 +143,20 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective) -> dict:
 
     if checkpointer.latest_step() is not None:
         abstract, shardings = abstract_train_state(model, tx, image_shape, config, mesh)
-        state, meta = checkpointer.restore(start_step, abstract)
+        restored_step, state, meta = checkpointer.restore_newest_good(abstract,
+                                                                      quarantine_to=workdir)
+        workdir_lib.check_and_record_config(config, workdir, restored_step,
+                                            allow_change=allow_config_change)
+        if restored_step != start_step:  # fell back past a corrupt checkpoint
+            start_step = restored_step
+            batches = iter(pipeline.train_dataset(config.input, seed, start_step)
+                           .as_numpy_iterator())
+            first_batch = next(batches)
         if int(meta.get("data_position", start_step)) != start_step:
             raise ValueError(f"checkpoint {start_step} records data position "
                              f"{meta['data_position']}; it was not written by this trainer")
     else:
+        workdir_lib.check_and_record_config(config, workdir, None)
         state, shardings = create_train_state(model, tx, image_shape, config, mesh)
         if task.params_init_fn is not None:
             params = task.params_init_fn(state["params"], tuple(image_shape))
@@ -193,6 +209,7 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective) -> dict:
                                                         frozen)
             finite = finite & metrics["finite"]
             step += 1
+            checkpointer.check()  # a failed background save stops the run here, not later
             progress.advance(step)
             if step % log_every == 0 or step == total_steps:
                 ensure_finite(step)
