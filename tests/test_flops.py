@@ -144,6 +144,22 @@ def test_flexivit_analytic_count_follows_the_run_time_patch_size(patch_size):
     assert abs(analytic - lowered.flops) <= 0.02 * lowered.flops, (analytic, lowered)
 
 
+@pytest.mark.parametrize("overrides", [
+    {"global_pool": "map"}, {"global_pool": "prr"}, {"global_pool": "none"},
+    {"global_pool": "avg", "fc_norm": True, "pool_include_prefix": True},
+    {"dist_token": True}, {"num_reg_tokens": 2, "class_token": False, "global_pool": "avg"},
+    {"dynamic_img_pad": True}])
+def test_vit_analytic_count_covers_pooling_and_token_variants(overrides):
+    resolution = (36, 44) if overrides.get("dynamic_img_pad") else (32, 48)
+    work = benchmark.build_workload("vit_micro", resolution=resolution, patch_size=None,
+                                    dtype="float32", optimizer="sgd",
+                                    overrides={"depth": 1, **overrides})
+    images = jnp.zeros((2, *resolution, 3))
+    lowered = flops.lowered_flops(jax.jit(work.infer).lower(work.variables, images))
+    analytic = flops.analytic_flops("vit", work.model, resolution, 2, None)
+    assert abs(analytic - lowered.flops) <= 0.02 * lowered.flops, (analytic, lowered)
+
+
 @pytest.mark.parametrize("xla,lowered,expected", [
     (-1.0, 2000, (2000.0, "lowered")),       # cuBLAS custom call on GPU: XLA reads -1
     (0.0, 2000, (2000.0, "lowered")),

@@ -193,11 +193,8 @@ def lowered_flops(lowered, *, count_padding: bool = True) -> LoweredCount:
 # Analytic counts from a model's configuration.
 
 
-def _field(model, *names):
-    for name in names:
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise AttributeError(f"{type(model).__name__} has none of {names}")
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def vit_flops(model, resolution: tuple[int, int], patch_size: int | None = None) -> dict[str, int]:
@@ -206,8 +203,10 @@ def vit_flops(model, resolution: tuple[int, int], patch_size: int | None = None)
 
     Per image, with grid g = (H/p)(W/p), tokens N = g + prefix tokens, width D, MLP width M:
     patch embedding 2 g p^2 C D; per block 2 N D (3D) for qkv, 2 N^2 D for q k^T, 2 N^2 D for
-    probs v, 2 N D^2 for the output projection, 4 N D M for the MLP; the head 2 D classes per
-    head. Per call, independent of the batch (``per_call``): the flexible patch kernel's PI-resize
+    probs v, 2 N D^2 for the output projection, 4 N D M for the MLP; pooling 'map' (probe
+    query, keys/values of the pooled tokens, attention, projection, MLP) and 'prr' (attention of
+    the tokens with themselves) as they compute; the head 2 D classes per head (per token with
+    'none'); ``dynamic_img_pad`` grids round up. Per call, independent of the batch (``per_call``): the flexible patch kernel's PI-resize
     2 (P_stored^2) (p^2) C D when p differs from the stored size (FlexiViT, Beyer et al. 2023,
     eq. 3: one matmul by the pseudo-inverse resize matrix), and the position embedding's
     resampling from the stored grid G to the token grid, 2 G g D (``flex.resample_posemb``: one
@@ -216,27 +215,34 @@ def vit_flops(model, resolution: tuple[int, int], patch_size: int | None = None)
     height, width = resolution
     stored = tuple(model.patch_size)
     patch = (patch_size, patch_size) if patch_size else stored
-    grid = (height // patch[0]) * (width // patch[1])
-    dim = int(_field(model, "embed_dim", "width"))
-    mlp = getattr(model, "mlp_dim", None) or int(dim * getattr(model, "mlp_ratio", 4.0))
+    rounding = _ceil if getattr(model, "dynamic_img_pad", False) else (lambda a, b: a // b)
+    grid_hw = (rounding(height, patch[0]), rounding(width, patch[1]))
+    grid = grid_hw[0] * grid_hw[1]
+    dim = int(model.embed_dim)
+    mlp = int(model.hidden_dim)
     prefix = int(model.class_token) + int(model.dist_token) + int(model.num_reg_tokens)
     tokens = grid + prefix
-    chans = int(getattr(model, "in_chans", 3))
+    chans = int(model.in_chans)
     embed = 2 * grid * patch[0] * patch[1] * chans * dim
     block = (2 * tokens * dim * 3 * dim + 2 * 2 * tokens * tokens * dim
              + 2 * tokens * dim * dim + 2 * 2 * tokens * dim * mlp)
+    pool, head_rows = 0, 1
+    pooled = tokens if getattr(model, "pool_include_prefix", False) else grid
+    if model.global_pool == "map":  # probe q, kv of the pooled tokens, attention, proj, MLP
+        pool = (2 * dim * dim + 2 * pooled * dim * 2 * dim + 2 * 2 * pooled * dim
+                + 2 * dim * dim + 2 * 2 * dim * mlp)
+    elif model.global_pool == "prr":  # q = k = v = the tokens, no projections
+        pool = 2 * 2 * tokens * tokens * dim
+    elif model.global_pool == "none":  # the head on every token
+        head_rows = tokens
     heads = 1 + int(model.dist_token)
-    head = 2 * dim * model.num_classes * heads if model.num_classes else 0
+    head = 2 * dim * model.num_classes * heads * head_rows if model.num_classes else 0
     per_call = (2 * stored[0] * stored[1] * patch[0] * patch[1] * chans * dim
                 if patch != stored else 0)
     posemb_grid = tuple(model.posemb_grid)
-    if posemb_grid != (height // patch[0], width // patch[1]):
+    if posemb_grid != grid_hw:
         per_call += 2 * posemb_grid[0] * posemb_grid[1] * grid * dim
-    return {"per_image": embed + model.depth * block + head, "per_call": per_call}
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+    return {"per_image": embed + model.depth * block + pool + head, "per_call": per_call}
 
 
 def swin_flops(model, resolution: tuple[int, int], patch_size: int | None = None
