@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
-
 import numpy as np
 
 # Bits of the StableHLO text printed by ``Lowered.as_text()`` (MLIR generic syntax of jax 0.10).
@@ -591,11 +589,3 @@ def datasheet_peak(device_kind: str, dtype: str) -> float | None:
         if name.upper() in kind:
             return DATASHEET_PEAKS[name].get(dtype)
     return None
-
-
-def describe_counts(counts: dict[str, Any]) -> str:
-    """One line: analytic / lowered / XLA GFLOP and which one was used."""
-    def g(v):
-        return f"{v / 1e9:.4g}" if v else "-"
-    return (f"analytic {g(counts.get('analytic'))}, lowered {g(counts.get('lowered'))}, "
-            f"xla {g(counts.get('xla'))} GFLOP; used: {counts.get('used')}")
