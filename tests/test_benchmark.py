@@ -29,19 +29,9 @@ def toy_models():
 # Per family: a representative registered model and the create_model overrides (JSON, as on the
 # command line) that make it tiny, a block or two of small width, so that its inference and train
 # step compile in seconds. Every registered family must have an entry (checked below).
-TINY = {
-    "benchmark_toy": ("toy_flex_patch", {}),
-    "vit": ("vit_micro", {"depth": 1}),
-    "swin": ("swin_tiny_patch4_window7_224",
-             {"embed_dim": 8, "depths": [2], "num_heads": [1], "window_size": 4}),
-    "mvit": ("mvitv2_tiny", {"depths": [1], "embed_dim": 8, "num_heads": 1, "stride_q": [[1, 1]]}),
-    "hrnet": ("hrnet_w18_small", {"stages": [[1, "bottleneck", [1], [8]],
-                                             [1, "basic", [1, 1], [8, 16]]],
-                                  "stem_width": 8, "num_features": 32}),
-    "cyclemlp": ("cyclemlp_b1", {"depths": [1], "embed_dim": [16], "mlp_ratio": 2,
-                                 "transitions": []}),
-    "asmlp": ("asmlp_tiny", {"embed_dim": 16, "depths": [1], "mlp_ratio": 2}),
-}
+# The benchmark runs each family's registered tiny variant (the model contract: one per family,
+# registered in the family's own file); the toy family is this file's own.
+TOY_CASE = ("toy_flex_patch", {})
 TINY_RESOLUTION = 32
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # Extra configurations with another code path: DeiT's train mode returns two heads; the toy
@@ -82,23 +72,15 @@ def _check_phase(phase: dict, batch_size: int) -> None:
     assert phase["memory"]["peak_bytes"] >= phase["memory"]["argument_bytes"] > 0
 
 
-def test_every_registered_family_has_tiny_benchmark_settings():
-    missing = [f for f in _registered_families() if f not in TINY]
-    assert not missing, (
-        f"families {missing} have no tiny benchmark settings: add (model name, create_model "
-        f"overrides) for each to TINY in tests/test_benchmark.py; a full-size model takes minutes "
-        f"to compile on a CPU")
-    for family, (name, _) in TINY.items():
-        if family in _registered_families():
-            assert registry.model_family(name) == family, (family, name)
-
-
 @pytest.mark.parametrize("case", sorted(set(_registered_families()) | {"benchmark_toy"})
                          + sorted(EXTRA))
 def test_benchmark_runs_every_family_and_writes_valid_json(case, tmp_path, capsys):
-    if case not in TINY and case not in EXTRA:
-        pytest.fail(f"family {case!r} has no tiny benchmark settings: add them to TINY")
-    name, overrides = TINY.get(case) or EXTRA[case]
+    if case in EXTRA:
+        name, overrides = EXTRA[case]
+    elif case == "benchmark_toy":
+        name, overrides = TOY_CASE
+    else:  # a family without a tiny variant fails here, by name
+        name, overrides = registry.tiny_variant(case), {}
     path = tmp_path / "bench.json"
     argv = ["--import_modules", TOY, "--models", name, "--batch_size", "2",
             "--resolutions", str(TINY_RESOLUTION), "--repeats", "2", "--warmup", "1",
@@ -131,7 +113,8 @@ def test_json_overrides_take_the_fields_types():
     from flexvision.models.hrnet import StageSpec
     from flexvision.registry import coerce_overrides
 
-    overrides = coerce_overrides("hrnet_w18_small", TINY["hrnet"][1])
+    overrides = coerce_overrides("hrnet_w18_small", {
+        "stages": [[1, "bottleneck", [1], [8]], [1, "basic", [1, 1], [8, 16]]], "stem_width": 8})
     assert overrides["stages"] == (StageSpec(1, "bottleneck", (1,), (8,)),
                                    StageSpec(1, "basic", (1, 1), (8, 16)))
     assert overrides["stem_width"] == 8
