@@ -14,8 +14,6 @@ import pytest
 from flexvision import benchmark, registry
 from flexvision.benchmark import flops
 from flexvision.benchmark.analysis import xla_flops
-from flexvision.registry import coerce_overrides
-from tests.test_benchmark import TINY
 
 
 def _both(f, *args, count_padding=False):
@@ -104,17 +102,16 @@ def test_calls_into_private_functions_are_counted_once_per_call():
 
 
 def _tiny_workload(family, resolution):
-    name, overrides = TINY[family]
-    return benchmark.build_workload(name, resolution=resolution, patch_size=None,
-                                    dtype="float32", optimizer="sgd",
-                                    overrides=coerce_overrides(name, overrides))
+    return benchmark.build_workload(registry.tiny_variant(family), resolution=resolution,
+                                    patch_size=None, dtype="float32", optimizer="sgd")
 
 
-MODEL_FAMILIES = sorted(f for f in TINY if f != "benchmark_toy")
+# Every model family of flexvision (the benchmark's toy family is registered by its tests only).
+MODEL_FAMILIES = sorted(set(registry.families()) - {"benchmark_toy"})
 
 
 def test_every_registered_model_family_has_an_analytic_formula():
-    families = {registry.model_family(n) for n in registry.list_models()} - {"benchmark_toy"}
+    families = set(MODEL_FAMILIES)
     assert families <= set(flops.ANALYTIC), (
         f"families without an analytic FLOP formula: {sorted(families - set(flops.ANALYTIC))}; "
         "add one to flexvision.benchmark.flops.ANALYTIC")
@@ -203,9 +200,8 @@ def test_benchmark_with_a_gpu_like_cost_analysis_uses_the_lowered_count_and_prin
     monkeypatch.setattr(timing, "xla_flops", lambda compiled: -1.0)
     reference = timing.matmul_reference(64)
     assert reference[1] == 2 * 64 ** 3
-    name, overrides = TINY["vit"]
-    result = benchmark.benchmark_config(name, batch_size=2, resolution=(32, 32), patch_size=None,
-                                        overrides=overrides, warmup=1, repeats=1, min_time=0.0,
+    result = benchmark.benchmark_config("vit_micro", batch_size=2, resolution=(32, 32),
+                                        patch_size=None, overrides={"depth": 1}, warmup=1, repeats=1, min_time=0.0,
                                         reference=reference,
                                         compiler_options={"xla_backend_optimization_level": 0})
     matmul = {"float32": {"size": 64, "flops_per_s": {"median": reference[1] / 1e-3,
