@@ -77,11 +77,14 @@ def test_every_mesh_trains_like_one_device(results, mesh):
 def test_meshes_use_the_strategies_they_name(results):
     specs = results[0]["specs"]
     qkv = "['params']['blocks_0']['attn']['qkv']['kernel']"
-    momentum = "['opt_state'][0].trace['blocks_0']['attn']['qkv']['kernel']"
+    # The momentum buffer of that kernel, wherever the optimizer chain keeps it (engine/optim.py).
+    momentum_suffix = ".trace['blocks_0']['attn']['qkv']['kernel']"
     assert specs["data8"][qkv] == "P()"
     assert specs["data2_fsdp4"][qkv] == "P(None, 'fsdp')"
     assert specs["data2_fsdp2_model2"][qkv] == "P('fsdp', 'model')"
     for mesh in specs:
+        (momentum,) = [k for k in specs[mesh]
+                       if k.startswith("['opt_state']") and k.endswith(momentum_suffix)]
         assert specs[mesh][momentum] == specs[mesh][qkv]
 
 
