@@ -138,8 +138,8 @@ def resample_tokens(x: jax.Array, stride: int, base_stride: int) -> jax.Array:
 
 
 class _Deconv2x2(nn.Module):
-    """ConvTranspose2d(kernel 2, stride 2): (B, h, w, Cin) -> (B, 2h, 2w, features), with bias.
-    Kernel = stride, so no overlap: out[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias."""
+    """ConvTranspose2d(kernel 2, stride 2): (B, h, w, Cin) -> (B, 2h, 2w, features), with bias
+    (:func:`flexvision.layers.common.conv_transpose_2x2`)."""
 
     features: int
     dtype: Any = None
@@ -150,10 +150,7 @@ class _Deconv2x2(nn.Module):
                             (2, 2, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", common.param_init(nn.initializers.zeros, ("conv_out",)),
                           (self.features,), jnp.float32)
-        dtype = self.dtype or x.dtype
-        b, h, w, _ = x.shape
-        up = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(dtype), kernel.astype(dtype))
-        return up.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(dtype)
+        return common.conv_transpose_2x2(x, kernel, bias, self.dtype)
 
 
 def _max_pool_2x2_ceil(x: jax.Array) -> jax.Array:

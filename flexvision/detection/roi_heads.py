@@ -84,9 +84,9 @@ class MaskRCNNHeads(nn.Module):
 class MaskRCNNPredictor(nn.Module):
     """2x2 stride-2 transposed conv + ReLU, then a 1x1 conv to per-class mask logits.
 
-    (K, h, w, C) -> (K, 2h, 2w, num_classes). The transposed conv with kernel = stride has no
-    overlap: ``out[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias``, written as one einsum; its
-    kernel is (2, 2, in, out) (torchvision's ConvTranspose2d weight (in, out, 2, 2) permuted).
+    (K, h, w, C) -> (K, 2h, 2w, num_classes). The transposed conv is
+    :func:`flexvision.layers.common.conv_transpose_2x2`; its kernel is (2, 2, in, out)
+    (torchvision's ConvTranspose2d weight (in, out, 2, 2) permuted).
     """
 
     num_classes: int
@@ -99,10 +99,7 @@ class MaskRCNNPredictor(nn.Module):
                             (2, 2, x.shape[-1], self.dim_reduced), jnp.float32)
         bias = self.param("bias", common.param_init(nn.initializers.zeros, ("conv_out",)),
                           (self.dim_reduced,), jnp.float32)
-        dtype = self.dtype or x.dtype
-        k, h, w, _ = x.shape
-        up = jnp.einsum("khwc,abco->khawbo", x.astype(dtype), kernel.astype(dtype))
-        up = nn.relu(up.reshape(k, 2 * h, 2 * w, self.dim_reduced) + bias.astype(dtype))
+        up = nn.relu(common.conv_transpose_2x2(x, kernel, bias, self.dtype))
         return common.conv(self.num_classes, (1, 1), dtype=self.dtype, name="mask_fcn_logits",
                            kernel_init=_kaiming_relu())(up)
 

@@ -61,6 +61,19 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: Sequence[int] | 
                    bias_init=param_init(bias_init, ("conv_out",)))
 
 
+def conv_transpose_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype=None) -> jax.Array:
+    """torch ConvTranspose2d(kernel 2, stride 2) in NHWC: (B, h, w, Cin) -> (B, 2h, 2w, Cout).
+
+    ``kernel`` is (2, 2, Cin, Cout) (torch's (Cin, Cout, 2, 2) weight permuted), ``bias`` (Cout,).
+    Kernel = stride, so the taps never overlap: ``out[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias``,
+    one einsum. Computes in ``dtype`` (default: the input's).
+    """
+    dtype = dtype or x.dtype
+    b, h, w, _ = x.shape
+    up = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(dtype), kernel.astype(dtype))
+    return up.reshape(b, 2 * h, 2 * w, kernel.shape[-1]) + bias.astype(dtype)
+
+
 def layer_norm(epsilon: float = 1e-6, *, dtype=None, name: str | None = None) -> nn.LayerNorm:
     """``nn.LayerNorm`` over the last axis with logically named scale and bias."""
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
