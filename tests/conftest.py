@@ -96,3 +96,26 @@ def trained_run(tiny_config, tmp_path_factory):
             from flexvision.train.trainer import train_and_evaluate
             train_and_evaluate(tiny_config(), str(path))
     return str(path), json.loads((path / "final_eval.json").read_text())
+
+
+# Tests of one module share per-process state: module- and session-scoped fixtures, lru_caches,
+# compiled functions, trained runs. xdist's default ``--dist load`` spreads a module's tests over
+# the workers, and each worker then builds that state again (an 8-device subprocess run, a
+# trained workdir, a compiled model). This scheduler sends each module to one worker, the
+# modules with the most tests first (xdist's ``loadscope``), except the modules below, whose
+# tests share nothing costly: their tests are spread one by one, last, and even out the end of
+# the run. (xdist's ``loadgroup`` would do this with marks, but does not work with pytest 9.)
+_INDEPENDENT_TESTS = {"test_benchmark.py", "test_colabs.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "load":  # another --dist given on the command line
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return nodeid if os.path.basename(module) in _INDEPENDENT_TESTS else module
+
+    return ModuleScheduling(config, log)
