@@ -15,6 +15,13 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# XLA's CPU backend at -O0 (LLVM without optimization passes): XLA compile time dominates these
+# tiny-shape tests and -O0 about halves it; the arithmetic is unchanged (test_benchmark's A/B
+# checks a relative difference < 1e-5), so no tolerance moves. Subprocesses that set their own
+# XLA_FLAGS (simulated device counts) append to this value. An explicit level is kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -106,7 +106,8 @@ def _data_file(step_dir):
 
 def _env(devices=1):
     return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # -O0 from tests/conftest.py
+                           + f" --xla_force_host_platform_device_count={devices}"),
                 PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 

@@ -37,7 +37,9 @@ def run_worker(*args: str, devices: int, env: dict | None = None) -> subprocess.
     environ = {k: v for k, v in os.environ.items()
                if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     environ.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+                   XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # -O0 from tests/conftest.py
+                              + f" --xla_force_host_platform_device_count={devices}"),
+                   **(env or {}))
     return subprocess.Popen([sys.executable, str(WORKER), *args], env=environ,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -31,7 +31,8 @@ def _write_config_file(config, path):
 def _cli(config, workdir, tmp_path, devices=1, **popen):
     """Starts ``python -m flexvision.train`` on ``config`` with ``devices`` CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # -O0 from tests/conftest.py
+                          + f" --xla_force_host_platform_device_count={devices}"),
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     config_file = _write_config_file(config, str(tmp_path / f"config_{devices}.py"))
     return subprocess.Popen([sys.executable, "-m", "flexvision.train", "--config", config_file,
