@@ -137,6 +137,9 @@ def test_random_patch_sizes_per_step_reach_the_detector(tiny_detection_config, d
     ({"task": "detect"}, r"config\.task='detect': must be one of"),
     ({"task": "classification"}, r"config\.task='classification'.*is a detector"),
     ({"mixup_alpha": 0.2}, r"config\.mixup_alpha=0\.2: mixup is not defined"),
+    ({"model.name": "maskrcnn_hrnet_micro", "model.kwargs.backbone_overrides": {}},
+     r"config\.eval\.patch_sizes=\(8, 16\): maskrcnn_hrnet_micro has no patch_size"),
+    ({"eval.mask_threshold": 1.5}, r"config\.eval\.mask_threshold=1\.5: must be a number in"),
 ])
 def test_bad_detection_config_values_are_config_errors(tiny_detection_config, overrides, match):
     from flexvision.train.validate import ConfigError, validate_config
