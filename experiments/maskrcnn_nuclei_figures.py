@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.outdir, exist_ok=True)
     flexi = next(iter(runs.values()))
     plot_ap_and_speed(flexi["table"], os.path.join(args.outdir, "maskrcnn_nuclei_patch_sizes.png"),
-                      title=f"{flexi['model']} on the held-out nuclei, one set of weights")
+                      title=f"{flexi['model']}: held-out nuclei, one set of weights")
     shutil.copyfile(os.path.join(flexi.pop("_workdir"), "final_overlay.png"),
                     os.path.join(args.outdir, "maskrcnn_nuclei_overlay.png"))
     for run in runs.values():
