@@ -126,10 +126,10 @@ def build_maskrcnn(backbone: str | nn.Module, num_classes: int = 91, *, neck_cha
     RPN / RoI-head settings are torchvision's unless overridden.
 
     ``freeze_bn``: for a backbone with BatchNorm (a family whose modules have a ``freeze_bn``
-    field: HRNet), True (the default, None) makes its norms torchvision's FrozenBatchNorm2d
-    (torchvision resnet_fpn_backbone / detectron2 FrozenBN: running statistics in training,
-    scale and bias without gradient), so small detection batches never touch the ImageNet
-    statistics; False trains BatchNorm as in classification (mutable 'batch_stats'). True on a
+    field: HRNet), True (the default: None, unless ``backbone_overrides`` sets it) makes its
+    norms torchvision's FrozenBatchNorm2d (torchvision resnet_fpn_backbone / detectron2
+    FrozenBN: running statistics in training, scale and bias without gradient), so small
+    detection batches never touch the ImageNet statistics; False trains BatchNorm as in classification (mutable 'batch_stats'). True on a
     backbone without BatchNorm is a ValueError; False there changes nothing."""
     if isinstance(backbone, str):
         body = registry.create_model(backbone, num_classes=0, **dict(backbone_overrides or {}))
@@ -142,7 +142,9 @@ def build_maskrcnn(backbone: str | nn.Module, num_classes: int = 91, *, neck_cha
         raise ValueError(f"freeze_bn=True: the {type(body).__name__} backbone has no BatchNorm "
                          f"to freeze; leave freeze_bn unset (None) or False")
     if has_bn:
-        body = body.clone(freeze_bn=freeze_bn is None or bool(freeze_bn))
+        if freeze_bn is None:
+            freeze_bn = dict(backbone_overrides or {}).get("freeze_bn", True)
+        body = body.clone(freeze_bn=bool(freeze_bn))
     neck = build_neck(body, neck_channels, dtype=dtype, **dict(neck_overrides or {}))
     strides = [i.stride[0] for i in neck.feature_info()]
     rpn = RegionProposalNetwork(**{"anchor_sizes": tuple((8.0 * s,) for s in strides),
