@@ -129,8 +129,9 @@ def build_maskrcnn(backbone: str | nn.Module, num_classes: int = 91, *, neck_cha
     field: HRNet), True (the default: None, unless ``backbone_overrides`` sets it) makes its
     norms torchvision's FrozenBatchNorm2d (torchvision resnet_fpn_backbone / detectron2
     FrozenBN: running statistics in training, scale and bias without gradient), so small
-    detection batches never touch the ImageNet statistics; False trains BatchNorm as in classification (mutable 'batch_stats'). True on a
-    backbone without BatchNorm is a ValueError; False there changes nothing."""
+    detection batches never touch the ImageNet statistics; False trains BatchNorm as in
+    classification (mutable 'batch_stats'). True on a backbone without BatchNorm is a
+    ValueError; False there changes nothing."""
     if isinstance(backbone, str):
         body = registry.create_model(backbone, num_classes=0, **dict(backbone_overrides or {}))
     else:
