@@ -1,7 +1,8 @@
 """The training loop: ``train_and_evaluate(config, workdir)`` (see configs/*.py for the keys).
 
 Flow: mesh -> model -> objective (classification, distillation for a ``config.distill``
-block, Mask R-CNN for ``config.task = "detection"``: :func:`objective_for`) -> optimizer -> train state created already sharded (eval_shape ->
+block, Mask R-CNN for ``config.task = "detection"``: :func:`objective_for`) -> optimizer ->
+train state created already sharded (eval_shape ->
 ``sharding.tree_shardings`` -> jit(init, out_shardings)) -> restore the latest checkpoint in
 workdir/checkpoints -> input pipeline from that step -> loop (patch size of the step from
 (seed, step); one jitted step per patch size, cached in memory and in the persistent
