@@ -32,6 +32,9 @@ def get_config(arg=None):
         "num_classes": 2,  # background + nucleus
         "neck_channels": 32,
         "backbone_overrides": {"in_chans": 1},
+        # Trained from scratch: BatchNorm learns (build_maskrcnn freezes it by default, as for
+        # an ImageNet-initialised backbone).
+        "freeze_bn": False,
         # FPN levels at strides 4, 8, 16 and the pool at 32: 6 x stride anchors (24 px at
         # stride 4; nuclei are 14-34 px wide, median 25).
         "rpn_overrides": {"anchor_sizes": ((24.0,), (48.0,), (96.0,), (192.0,)),
