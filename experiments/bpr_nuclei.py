@@ -35,7 +35,8 @@ import numpy as np
 
 from experiments import bpr_synthetic as synthetic
 from flexvision.data import coco, instances, overlay
-from flexvision.detection import bpr_train
+from flexvision.detection import boundary, bpr, bpr_data, bpr_train
+from flexvision.engine import state
 
 PATCH_SIZE = 16
 NETWORK_SIZE = 32
@@ -111,13 +112,156 @@ def run(outdir: str, seeds=(0, 1, 2), *, copies: int = 8, steps: int = 300,
     return table
 
 
+# ------------------------------------------------------------------------------------------------
+# A refiner trained by the trainer (configs/bpr_hrnet18s_nuclei.py) on a detector's masks
+
+
+def nuclei_image(split: str, image_id: int, eval_rows: int = 128) -> np.ndarray:
+    """The RGB uint8 pixels of the nuclei dataset's example ``image_id`` of ``split``
+    (``flexvision.data.instances``: tile index in train, 0 for the one held-out image)."""
+    image, _ = instances.stardist_nuclei()
+    layout = instances.InstancesConfig(name="layout", eval_rows=eval_rows)
+    crops = instances.nuclei_crops(layout, *image.shape)[split]
+    if not 0 <= image_id < len(crops):
+        raise ValueError(f"image_id {image_id} is not an example of the nuclei {split!r} split "
+                         f"({len(crops)} images)")
+    y, x, h, w = crops[image_id]
+    return np.repeat(image[y:y + h, x:x + w, None], 3, axis=-1)
+
+
+def ground_truth_path(predictions: str) -> str:
+    """``<dir>/<split>_ground_truth.json`` next to ``<dir>/<split>_<ps>.json`` (INTERFACE of the
+    detection evaluator's predictions)."""
+    directory, name = os.path.split(predictions)
+    return os.path.join(directory, f"{name.rsplit('_', 1)[0]}_ground_truth.json")
+
+
+def match_instances(gt: np.ndarray, pred: np.ndarray, scores: np.ndarray,
+                    iou_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """(gt index, pred index) pairs: predictions by descending score, each matched to the
+    unmatched ground-truth instance of highest mask IoU if it is >= ``iou_threshold`` (COCO's
+    greedy matching at one threshold)."""
+    gt, pred = gt.reshape(len(gt), -1).astype(np.float32), pred.reshape(len(pred), -1)
+    pred = pred.astype(np.float32)
+    inter = pred @ gt.T
+    union = pred.sum(1)[:, None] + gt.sum(1)[None, :] - inter
+    iou = inter / np.maximum(union, 1.0)
+    pairs, taken = [], set()
+    for p in np.argsort(-scores, kind="stable"):
+        candidates = [(iou[p, g], g) for g in range(len(gt)) if g not in taken]
+        if candidates:
+            best, g = max(candidates)
+            if best >= iou_threshold:
+                pairs.append((int(g), int(p)))
+                taken.add(g)
+    return pairs
+
+
+def refine_predictions(refiner_workdir: str, predictions: str, outdir: str, *,
+                       ground_truth: str | None = None, score_threshold: float = 0.5,
+                       eval_rows: int = 128) -> dict:
+    """Refines every predicted mask of a COCO results file (INTERFACE: the detection
+    evaluator's ``workdir/predictions/<split>_<ps>.json``) with the refiner trained in
+    ``refiner_workdir`` (``engine.state.load_workdir``; BPR's patch geometry of
+    ``bpr_data.NUCLEI``, the data it was trained on) and scores coarse and refined masks against
+    the split's ground truth (``<split>_ground_truth.json`` next to it by default): COCO mask AP
+    (every prediction, its score) and, over the predictions with score >= ``score_threshold``
+    matched to a ground-truth nucleus at mask IoU >= 0.5 (the same pairs for both), mean
+    Boundary IoU and mask IoU. Writes bpr_nuclei_maskrcnn.json and bpr_nuclei_maskrcnn_overlay.png
+    (the first image: ground truth / coarse / refined, predictions above the threshold) to
+    ``outdir``; returns the json's table."""
+    geometry = bpr_data.NUCLEI
+    split = os.path.basename(predictions).rsplit("_", 1)[0]
+    config, model, variables, step = state.load_workdir(refiner_workdir)
+    class_names, records = coco.read_coco(ground_truth or ground_truth_path(predictions))
+    detections = coco.read_results(predictions)
+    started = time.time()
+    gt_list, coarse_list, refined_list = [], [], []
+    boundary_scores = {"coarse_boundary_iou": [], "refined_boundary_iou": [],
+                       "coarse_mask_iou": [], "refined_mask_iou": []}
+    os.makedirs(outdir, exist_ok=True)
+    for index, record in enumerate(records):
+        image = nuclei_image(split, record["id"], eval_rows)
+        if image.shape[:2] != (record["height"], record["width"]):
+            raise ValueError(f"image {record['id']} of the nuclei {split!r} split is "
+                             f"{image.shape[:2]}, the ground truth says "
+                             f"{(record['height'], record['width'])}: another eval_rows?")
+        det = detections.get(record["id"])
+        if det is None:
+            det = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                   "labels": np.zeros(0, np.int64),
+                   "masks": np.zeros((0,) + image.shape[:2], bool)}
+        refined = (bpr.refine(image, det["masks"], variables, model=model,
+                              patch_size=geometry.patch_size,
+                              iou_threshold=geometry.iou_threshold,
+                              network_size=geometry.network_size).astype(bool)
+                   if len(det["masks"]) else det["masks"])
+        gt_list.append(record)
+        coarse_list.append(det)
+        refined_list.append(dict(det, masks=refined))
+        confident = det["scores"] >= score_threshold
+        for g, p in match_instances(record["masks"], det["masks"][confident],
+                                    det["scores"][confident]):
+            truth = record["masks"][g]
+            for name, masks in (("coarse", det["masks"][confident]),
+                                ("refined", refined[confident])):
+                boundary_scores[f"{name}_boundary_iou"].append(boundary.boundary_iou(
+                    truth, masks[p], width=synthetic.BOUNDARY_WIDTH))
+                boundary_scores[f"{name}_mask_iou"].append(
+                    np.count_nonzero(truth & masks[p]) / max(np.count_nonzero(truth | masks[p]), 1))
+        if index == 0:
+            overlay.save_png(os.path.join(outdir, "bpr_nuclei_maskrcnn_overlay.png"),
+                             synthetic.overlay_panels(image.astype(np.float32), record["masks"],
+                                                      det["masks"][confident],
+                                                      refined[confident]), zoom=2)
+    table = {"experiment": "bpr_nuclei_maskrcnn", "predictions": os.path.abspath(predictions),
+             "refiner_workdir": os.path.abspath(refiner_workdir), "refiner_step": int(step),
+             "refiner_model": config.model.name, "split": split, "images": len(gt_list),
+             "ground_truth_instances": int(sum(len(r["masks"]) for r in gt_list)),
+             "predictions_count": int(sum(len(d["masks"]) for d in coarse_list)),
+             "patch_size": geometry.patch_size, "network_size": geometry.network_size,
+             "iou_threshold": geometry.iou_threshold, "score_threshold": score_threshold,
+             "boundary_width": synthetic.BOUNDARY_WIDTH,
+             "matched": len(boundary_scores["coarse_boundary_iou"])}
+    for name, preds in (("coarse", coarse_list), ("refined", refined_list)):
+        metrics = coco.coco_metrics(gt_list, preds, class_names)
+        for key in ("AP", "AP50", "AP75"):
+            table[f"{name}_mask_{key}"] = metrics[f"mask/{key}"]
+    table.update({k: float(np.mean(v)) if v else None for k, v in boundary_scores.items()})
+    table["seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(outdir, "bpr_nuclei_maskrcnn.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=2)
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--outdir", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--coarse_predictions", default=None,
+                        help="a COCO results json (workdir/predictions/<split>_<ps>.json of a "
+                             "detection run): refine its masks instead of degraded ground truth "
+                             "(needs --refiner_workdir)")
+    parser.add_argument("--refiner_workdir", default=None,
+                        help="a workdir of configs/bpr_hrnet18s_nuclei.py")
+    parser.add_argument("--ground_truth", default=None,
+                        help="default: <split>_ground_truth.json next to --coarse_predictions")
+    parser.add_argument("--score_threshold", type=float, default=0.5)
     args = parser.parse_args(argv)
+    if args.coarse_predictions or args.refiner_workdir:
+        if not (args.coarse_predictions and args.refiner_workdir):
+            parser.error("--coarse_predictions and --refiner_workdir go together")
+        table = refine_predictions(args.refiner_workdir, args.coarse_predictions, args.outdir,
+                                   ground_truth=args.ground_truth,
+                                   score_threshold=args.score_threshold)
+        print(f"{table['predictions_count']} predicted masks on {table['images']} image(s): "
+              f"mask AP {table['coarse_mask_AP']:.3f} -> {table['refined_mask_AP']:.3f}, AP75 "
+              f"{table['coarse_mask_AP75']:.3f} -> {table['refined_mask_AP75']:.3f}; over "
+              f"{table['matched']} matched nuclei boundary IoU {table['coarse_boundary_iou']} -> "
+              f"{table['refined_boundary_iou']} ({table['seconds']} s)")
+        return
     table = run(args.outdir, tuple(args.seeds), copies=args.copies, steps=args.steps)
     for seed, r in table["per_seed"].items():
         print(f"seed {seed}: boundary IoU {r['coarse_boundary_iou']:.3f} -> "

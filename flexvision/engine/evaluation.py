@@ -135,17 +135,18 @@ def format_table(table: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_final(results: dict[str, dict], workdir: str, step: int) -> dict:
-    """Writes workdir/final_eval.json and final_eval.png (accuracy vs patch size); returns the
-    JSON table: the first split's accuracy/loss at top level plus every split under 'splits'."""
+def write_final(results: dict[str, dict], workdir: str, step: int, plot=None) -> dict:
+    """Writes workdir/final_eval.json and final_eval.png (``plot(table, path, title)``, default
+    :func:`plot_accuracy`: accuracy vs patch size); returns the JSON table: the first split's
+    table at top level plus every split under 'splits'."""
     first_split = next(iter(results))
     final = {"step": int(step), "split": first_split, **results[first_split], "splits": results}
     if jax.process_index() != 0:
         return final
     with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=2)
-    plot_accuracy(results[first_split], os.path.join(workdir, "final_eval.png"),
-                  title=f"{first_split} accuracy after {step} steps")
+    (plot or plot_accuracy)(results[first_split], os.path.join(workdir, "final_eval.png"),
+                            title=f"{first_split} split after {step} steps")
     return final
 
 

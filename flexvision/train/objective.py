@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from flexvision.engine import losses
+from flexvision.engine import evaluation, losses
 from flexvision.engine.evaluation import Evaluator
 
 
@@ -31,6 +31,11 @@ class Objective:
     params_init_fn  ``(params, image_shape) -> params`` applied to freshly initialised params
                     (not on resume); ``image_shape`` is one training example's (H, W, C).
     report          ``(final table) -> None``, called on process 0 after the final eval.
+    flat_metrics    ``({split: table}) -> {name: scalar}`` for TensorBoard; format_table
+                    ``(table, title) -> str`` for the log; plot ``(table, path, title) -> None``
+                    draws final_eval.png. Defaults: the classification ones
+                    (``engine.evaluation``); a task whose tables hold other metrics brings its
+                    own (segmentation: ``train/segmentation.py``).
     """
 
     name: str
@@ -40,6 +45,9 @@ class Objective:
     frozen: Any = None
     params_init_fn: Callable[[Any, tuple[int, ...]], Any] | None = None
     report: Callable[[dict], None] | None = None
+    flat_metrics: Callable[[dict], dict] = evaluation.flat_metrics
+    format_table: Callable[..., str] = evaluation.format_table
+    plot: Callable[..., None] = evaluation.plot_accuracy
 
 
 def classification(config, model, mesh) -> Objective:

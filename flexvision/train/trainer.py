@@ -30,7 +30,7 @@ from flexvision.engine import optim, patch_schedule, sharding
 from flexvision.engine import workdir as workdir_lib
 from flexvision.engine.cache import enable_compilation_cache
 from flexvision.engine.checkpoint import Checkpointer
-from flexvision.engine.evaluation import flat_metrics, format_table, write_final
+from flexvision.engine.evaluation import write_final
 from flexvision.engine.state import (abstract_train_state, build_model, create_train_state,
                                      eval_variables)
 from flexvision.engine.step import accepts_patch_size, make_train_step
@@ -52,9 +52,12 @@ class Preempted(Exception):
 
 def objective_for(config, model, mesh) -> Objective:
     """The objective the config asks for: distillation when it has a ``config.distill`` block,
-    else classification."""
+    else by ``config.task``: per-pixel segmentation, or classification (the default)."""
     if config.get("distill") is not None:
         return distill.distillation(config, model, mesh)
+    if config.get("task", "classification") == "segmentation":
+        from flexvision.train import segmentation
+        return segmentation.segmentation_objective(config, model, mesh)
     return objective.classification(config, model, mesh)
 
 
@@ -223,9 +226,9 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
             if eval_every and step % eval_every == 0 and step < total_steps:
                 ensure_finite(step)
                 results = evaluator.run(eval_variables(state))
-                writer.write(step, flat_metrics(results))
+                writer.write(step, task.flat_metrics(results))
                 split = next(iter(results))
-                progress.write(format_table(results[split], f"[step {step}] {split}"))
+                progress.write(task.format_table(results[split], f"[step {step}] {split}"))
                 progress.reset_clock(step)
             if sigterm.raised:
                 save(step)
@@ -241,13 +244,13 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
     checkpointer.wait()
 
     results = evaluator.run(eval_variables(state))
-    writer.write(step, flat_metrics(results))
+    writer.write(step, task.flat_metrics(results))
     writer.close()
     checkpointer.close()
-    final = write_final(results, workdir, step)
+    final = write_final(results, workdir, step, plot=task.plot)
     if jax.process_index() == 0:
-        print(format_table(results[final["split"]],
-                           f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
+        print(task.format_table(results[final["split"]],
+                                f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
               flush=True)
         if task.report is not None:
             task.report(final)

@@ -17,6 +17,9 @@ from typing import Any
 from flexvision.engine.overrides import literal
 
 
+TASKS = ("classification", "detection", "segmentation")  # trainer.objective_for
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names each offending key."""
 
@@ -113,6 +116,8 @@ def validate_config(config, device_count: int | None = None, build_model=None) -
     _normalise_probs(config)
     c = _Checker(config)
     c.int_at_least("seed", 0)
+    if c.get("task", "classification") not in TASKS:
+        c.bad("task", f"must be one of {TASKS}")
     if not isinstance(c.get("model.name"), str):
         c.bad("model.name", "must be a registered model name (flexvision.list_models())")
     else:
