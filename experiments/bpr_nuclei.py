@@ -148,9 +148,10 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, scores: np.ndarray,
     iou = inter / np.maximum(union, 1.0)
     pairs, taken = [], set()
     for p in np.argsort(-scores, kind="stable"):
-        candidates = [(iou[p, g], g) for g in range(len(gt)) if g not in taken]
+        candidates = [(iou[p, g], -g) for g in range(len(gt)) if g not in taken]
         if candidates:
-            best, g = max(candidates)
+            best, g = max(candidates)  # ties: the lower ground-truth index
+            g = -g
             if best >= iou_threshold:
                 pairs.append((int(g), int(p)))
                 taken.add(g)
