@@ -35,12 +35,12 @@ import numpy as np
 
 from experiments import bpr_synthetic as synthetic
 from flexvision.data import coco, instances, overlay
-from flexvision.detection import boundary, bpr, bpr_data, bpr_train
+from flexvision.detection import boundary, bpr, bpr_data
 from flexvision.engine import state
 
-PATCH_SIZE = 16
-NETWORK_SIZE = 32
-DEGRADE = {"factors": (2, 4), "max_radius": 1}
+PATCH_SIZE = bpr_data.NUCLEI.patch_size
+NETWORK_SIZE = bpr_data.NUCLEI.network_size
+DEGRADE = {"factors": bpr_data.NUCLEI.degrade_factors, "max_radius": bpr_data.NUCLEI.max_radius}
 
 
 def regions(eval_rows: int = 128):
@@ -50,12 +50,12 @@ def regions(eval_rows: int = 128):
     out = []
     for rows in (slice(0, split), slice(split, None)):
         masks, _ = coco.instances_from_label_map(labels[rows])
-        out.append((np.repeat(image[rows, :, None], 3, axis=-1).astype(np.float32), masks))
+        out.append((np.repeat(image[rows, :, None], 3, axis=-1), masks))
     return out
 
 
 def _degrade(gt, rng):
-    return np.stack([bpr_train.degrade_mask(m, rng, **DEGRADE) for m in gt])
+    return np.stack([bpr_data.degrade_mask(m, rng, **DEGRADE) for m in gt])
 
 
 def _as_predictions(masks, keep):

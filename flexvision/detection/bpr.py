@@ -1,7 +1,8 @@
 """BPR: boundary patch refinement of instance masks (host-side geometry).
 
 The evaluation metric for refined boundaries, Boundary IoU, is in ``detection/boundary.py``; the
-training data and recipe of the refinement network in ``detection/bpr_train.py``.
+training data of the refinement network in ``detection/bpr_data.py`` (its recipe:
+configs/bpr_hrnet18s_nuclei.py, trained by ``python -m flexvision.train``).
 
 Tang et al., "Look Closer to Segment Better: Boundary Patch Refinement for Instance
 Segmentation", CVPR 2021 (code: tinyalpha/BPR). A coarse instance mask is refined in three steps:

@@ -14,8 +14,9 @@ Config ``nuclei`` (the default): the nuclei image of :mod:`flexvision.data.insta
 as that dataset splits it (``eval_rows`` held-out rows at the bottom). ``train``: patches of the
 training region's ``tile`` x ``tile`` tiles (every ``stride`` px, as the instances dataset's
 train split), ``copies`` times, each time with coarse masks drawn afresh from the ground truth
-by :func:`flexvision.detection.bpr_train.degrade_mask` (BPR trains on Mask R-CNN outputs; with no
-detector the degraded ground truth stands in for them); ``test``: the held-out region's
+by :func:`degrade_mask` (BPR trains on Mask R-CNN outputs; with no detector the degraded ground
+truth stands in for them: a low-resolution copy, like Mask R-CNN's 28 x 28 masks, then a random
+dilation or erosion); ``test``: the held-out region's
 patches, one degradation. Degradations are drawn from ``numpy.random.default_rng((seed, split,
 copy, crop))``: the dataset is a pure function of its config.
 
@@ -37,7 +38,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from flexvision.data import coco, instances, pipeline
-from flexvision.detection import bpr, bpr_train
+from flexvision.detection import bpr
+from flexvision.detection.boundary import window_count
 from flexvision.layers.flex import resize_nearest
 
 NAME = "flexvision_bpr_patches"
@@ -124,11 +126,45 @@ def patch_examples(scenes, *, patch_size: int, network_size: int, iou_threshold:
                 label=np.asarray(gt).astype(np.uint8))
 
 
+def degrade_mask(mask: np.ndarray, rng: np.random.Generator, *, factors: Sequence[int] = (4, 8),
+                 max_radius: int = 2) -> np.ndarray:
+    """A coarse copy of a ground-truth mask: block-averaged at 1/f resolution (f drawn from
+    ``factors[0]..factors[1]``, the block grid shifted by a random offset), thresholded at 0.5,
+    repeated back to full size, then dilated (r > 0) or eroded (r < 0) by a square of radius
+    |r| <= ``max_radius`` (r drawn uniformly; outside the image counts as background).
+
+    Args: mask (H, W) nonzero = foreground. Returns (H, W) bool.
+    """
+    mask = np.asarray(mask) != 0
+    low, high = int(factors[0]), int(factors[1])
+    if not 1 <= low <= high:
+        raise ValueError(f"factors must be (low, high) with 1 <= low <= high, got {factors!r}")
+    if max_radius < 0:
+        raise ValueError(f"max_radius must be >= 0, got {max_radius}")
+    factor = int(rng.integers(low, high + 1))
+    oy, ox = (int(v) for v in rng.integers(0, factor, size=2))
+    height, width = mask.shape
+    rows, cols = -(-(height + oy) // factor), -(-(width + ox) // factor)
+    grid = np.zeros((rows * factor, cols * factor), np.float32)
+    grid[oy:oy + height, ox:ox + width] = mask
+    blocks = grid.reshape(rows, factor, cols, factor).mean(axis=(1, 3)) > 0.5
+    coarse = blocks.repeat(factor, axis=0).repeat(factor, axis=1)[oy:oy + height, ox:ox + width]
+    radius = int(rng.integers(-max_radius, max_radius + 1))
+    if radius > 0:
+        coarse = window_count(coarse, radius) > 0
+    elif radius < 0:
+        coarse = window_count(coarse, -radius) == (1 - 2 * radius) ** 2
+    return coarse
+
+
 def degrade(gt_masks: np.ndarray, rng: np.random.Generator, config: BprPatchesConfig
             ) -> np.ndarray:
-    """Coarse masks (N, H, W) bool: each gt mask through ``bpr_train.degrade_mask``."""
-    return np.stack([bpr_train.degrade_mask(m, rng, factors=config.degrade_factors,
-                                            max_radius=config.max_radius) for m in gt_masks])
+    """Coarse masks (N, H, W) bool: each gt mask through :func:`degrade_mask` with the
+    config's ``degrade_factors`` and ``max_radius``."""
+    if not len(gt_masks):
+        return np.zeros(np.shape(gt_masks), bool)
+    return np.stack([degrade_mask(m, rng, factors=config.degrade_factors,
+                                  max_radius=config.max_radius) for m in gt_masks])
 
 
 class FlexvisionBprPatches(tfds.core.GeneratorBasedBuilder):
