@@ -96,7 +96,8 @@ def refiner_config(*, steps: int, batch_size: int, lr: float, seed: int):
     """configs/bpr_hrnet18s_nuclei.py (the model, pp, loss and optimizer of the refiner trained
     by the trainer) with the experiment's steps, batch size, lr and seed."""
     config = get_config(CONFIG)
-    config.total_steps, config.input.batch_size, config.lr, config.seed = steps, batch_size, lr, seed
+    config.total_steps, config.input.batch_size = steps, batch_size
+    config.lr, config.seed = lr, seed
     return config
 
 

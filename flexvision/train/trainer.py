@@ -249,9 +249,8 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
     checkpointer.close()
     final = write_final(results, workdir, step, plot=task.plot)
     if jax.process_index() == 0:
-        print(task.format_table(results[final["split"]],
-                                f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
-              flush=True)
+        title = f"Final {final['split']} accuracy ({config.model.name}, step {step}):"
+        print(task.format_table(results[final["split"]], title), flush=True)
         if task.report is not None:
             task.report(final)
     return final
