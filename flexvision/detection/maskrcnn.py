@@ -59,6 +59,15 @@ class MaskRCNN(nn.Module):
     roi_heads: RoIHeads
     size_divisibility: int = 32
 
+    @property
+    def flex_kwargs(self) -> tuple[str, ...]:
+        """The backbone's run-time options (model contract), e.g. ('patch_size',) for ViTs."""
+        return tuple(getattr(self.backbone, "flex_kwargs", ()))
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) at which every parameter shape is defined: the backbone's."""
+        return tuple(self.backbone.input_shape())
+
     def divisor(self, patch_size=None) -> int:
         """The multiple the batch is padded to (static)."""
         divisor = int(self.size_divisibility)

@@ -36,7 +36,7 @@ import numpy as np
 
 from flexvision.detection import boundary
 from flexvision.detection import bpr_data  # noqa: F401  registers the BPR patch dataset
-from flexvision.engine import losses
+from flexvision.engine import evaluation, losses
 from flexvision.engine.evaluation import DEFAULT, Evaluator
 from flexvision.train.objective import Objective
 
@@ -182,7 +182,14 @@ def plot_metrics(table: dict, path: str, title: str = "") -> None:
 
 def segmentation_objective(config, model, mesh) -> Objective:
     """Per-pixel ``config.loss`` averaged over pixels, the :class:`SegmentationEvaluator`, and
-    this module's table/TensorBoard/plot functions."""
+    this module's table, TensorBoard and final-file functions."""
     loss_fn = losses.mean_over_pixels(losses.make_loss(config))
     return Objective("segmentation", loss_fn, SegmentationEvaluator(model, loss_fn, config, mesh),
-                     flat_metrics=flat_metrics, format_table=format_table, plot=plot_metrics)
+                     flat_metrics=flat_metrics, format_table=format_table,
+                     write_final=write_final, headline="segmentation")
+
+
+def write_final(results: dict[str, dict], workdir: str, step: int) -> dict:
+    """final_eval.json in the classification layout (``engine.evaluation.write_final``) and
+    final_eval.png by :func:`plot_metrics`."""
+    return evaluation.write_final(results, workdir, step, plot=plot_metrics)
