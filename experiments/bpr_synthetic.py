@@ -106,12 +106,18 @@ def patch_batches(examples: dict, pp: str, batch_size: int, seed: int):
     shuffled per epoch and preprocessed by ``pp`` with a stateless seed per example (as the
     trainer's input pipeline does for a TFDS split)."""
     preprocess = ops.parse(pp)
+    base = tf.constant([seed, 0], tf.int64)
+
+    def with_rng(index, example):
+        return dict(example, **{ops.RNG_KEY: tf.random.experimental.stateless_fold_in(base,
+                                                                                      index)})
+
+    def inputs(example):
+        return {k: v for k, v in preprocess(example).items() if k != ops.RNG_KEY}
+
     ds = tf.data.Dataset.from_tensor_slices({k: examples[k] for k in ("image", "mask", "label")})
     ds = ds.repeat().shuffle(len(examples["image"]), seed=seed).enumerate()
-    ds = ds.map(lambda i, x: preprocess(dict(x, **{ops.RNG_KEY: tf.random.experimental
-                                                     .stateless_fold_in(
-                                                         tf.constant([seed, 0], tf.int64), i)})))
-    ds = ds.map(lambda x: {k: v for k, v in x.items() if k != ops.RNG_KEY})
+    ds = ds.map(with_rng).map(inputs)
     return ds.batch(batch_size, drop_remainder=True).as_numpy_iterator()
 
 
