@@ -141,8 +141,10 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, scores: np.ndarray,
     """(gt index, pred index) pairs: predictions by descending score, each matched to the
     unmatched ground-truth instance of highest mask IoU if it is >= ``iou_threshold`` (COCO's
     greedy matching at one threshold)."""
-    gt, pred = gt.reshape(len(gt), -1).astype(np.float32), pred.reshape(len(pred), -1)
-    pred = pred.astype(np.float32)
+    if not len(gt) or not len(pred):
+        return []
+    gt = gt.reshape(len(gt), -1).astype(np.float32)
+    pred = pred.reshape(len(pred), -1).astype(np.float32)
     inter = pred @ gt.T
     union = pred.sum(1)[:, None] + gt.sum(1)[None, :] - inter
     iou = inter / np.maximum(union, 1.0)

@@ -230,3 +230,4 @@ def test_match_instances_is_greedy_by_score():
     assert bpr_nuclei.match_instances(gt, pred, np.array([0.5, 0.9, 0.1]), 0.6) == [(0, 1)]
     # ties go to the lower ground-truth index
     assert bpr_nuclei.match_instances(gt, pred[2:], np.array([1.0]), 0.4) == [(0, 0)]
+    assert bpr_nuclei.match_instances(gt, pred[:0], np.zeros(0)) == []
