@@ -1,27 +1,42 @@
-r"""BPR on the real nuclei image (issue 18, item 4), with coarse masks from degraded ground truth.
+r"""BPR on the real nuclei image (issue 18, item 4): coarse masks from degraded ground truth, or
+from a detector's COCO results refined by a refiner trained through the trainer.
 
 Data: stardist's 512x512 nuclei image and label map (``flexvision.data.instances``), split as the
-nuclei dataset splits it: rows above ``512 - eval_rows`` train, rows below are held out. No
-detector is on main yet, so the coarse masks are the ground truth degraded as
-``detection/bpr_train.degrade_mask`` does, at a strength that fits nuclei of ~10 px radius
-(1/2..1/4 resolution, dilation or erosion by up to 1 px); the training region gets
-``copies`` independent degradations. A small ``bpr_hrnet18s`` is trained on their boundary
-patches (experiments/bpr_synthetic.py ``train_refiner``: BPR's recipe) and refines the held-out
-coarse masks. Reported per seed (the seed draws the degradations, the init and the batches):
-mean Boundary IoU (width 2 px; the paper's 2 % of the diagonal is 11 px, more than a nucleus'
-radius) and mask IoU per instance, and COCO mask AP (pycocotools) of the coarse and the refined
-masks as predictions (score 1 each; instances whose coarse mask vanished are dropped from both).
+nuclei dataset splits it: rows above ``512 - eval_rows`` train, rows below are held out.
+
+Default mode (degraded ground truth, one refiner per seed): the coarse masks are the ground
+truth degraded as ``detection/bpr_data.degrade_mask`` does, at the strength of the
+``flexvision_bpr_patches/nuclei`` dataset (1/2..1/4 resolution, dilation or erosion by up to
+1 px: nuclei are ~10 px in radius); the training region gets ``copies`` independent
+degradations. The refiner of configs/bpr_hrnet18s_nuclei.py (its model, pp ops, loss and
+optimizer: experiments/bpr_synthetic.py ``train_refiner``) is trained on their boundary patches
+and refines the held-out coarse masks. Reported per seed (the seed draws the degradations, the
+init, the batches and their augmentation): mean Boundary IoU (width 2 px; the paper's 2 % of the
+diagonal is 11 px, more than a nucleus' radius) and mask IoU per instance, and COCO mask AP
+(pycocotools) of the coarse and the refined masks as predictions (score 1 each; instances whose
+coarse mask vanished are dropped from both).
 
     python -m experiments.bpr_nuclei --outdir workdirs/bpr_nuclei --seeds 0 1 2
 
 Measured with the defaults (8 degraded copies of the 384x512 training region, 4.8k boundary
-patches; 300 steps of batch 32; patch 16 -> network 32; 36 held-out nuclei; 2 shared CPU
-cores, 249 s for 3 seeds; docs/figures/bpr_nuclei.json and bpr_nuclei_overlay.png, seed 0:
-ground truth / coarse / refined): Boundary IoU 0.398 / 0.451 / 0.417 (coarse) -> 0.510 / 0.530 /
-0.517 (refined), gain +0.097 +- 0.014 (std over seeds 0, 1, 2); mask IoU +0.039 +- 0.009; COCO
-mask AP 0.549 / 0.579 / 0.483 -> 0.654 / 0.613 / 0.617, gain +0.091 +- 0.042 (AP75 +0.23 +-
-0.13). The coarse masks are degraded ground truth, not a detector's output: the gain measured
-here is the refiner's on that kind of error.
+patches; 300 steps of batch 32; patch 16 -> network 32; 36 held-out nuclei; 2 CPU cores shared
+with other jobs (load ~12), 492 s for 3 seeds; docs/figures/bpr_nuclei.json and
+bpr_nuclei_overlay.png, seed 0: ground truth / coarse / refined): Boundary IoU 0.398 / 0.451 /
+0.417 (coarse) -> 0.500 / 0.538 / 0.522 (refined), gain +0.098 +- 0.008 (std over seeds 0, 1,
+2); mask IoU +0.042 +- 0.010; COCO mask AP 0.549 / 0.579 / 0.483 -> 0.675 / 0.633 / 0.635, gain
++0.111 +- 0.042 (AP75 +0.26 +- 0.13). The coarse masks are degraded ground truth, not a
+detector's output: the gain measured here is the refiner's on that kind of error.
+
+Detector mode: a refiner workdir of configs/bpr_hrnet18s_nuclei.py and the COCO results of a
+detection run (``workdir/predictions/<split>_<ps>.json``, written by the detection evaluator
+with ``<split>_ground_truth.json`` next to it) -> :func:`refine_predictions`: mask AP of every
+prediction and Boundary IoU / mask IoU of the confident ones matched to a nucleus, before and
+after refinement, and an overlay (bpr_nuclei_maskrcnn.json / _overlay.png in ``--outdir``)::
+
+    python -m flexvision.train --config configs/bpr_hrnet18s_nuclei.py --workdir /tmp/bpr
+    python -m flexvision.train --config configs/maskrcnn_hrnet_nuclei.py --workdir /tmp/mrcnn
+    python -m experiments.bpr_nuclei --outdir docs/figures --refiner_workdir /tmp/bpr \
+        --coarse_predictions /tmp/mrcnn/predictions/test_default.json
 """
 
 from __future__ import annotations
