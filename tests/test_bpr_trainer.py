@@ -231,3 +231,17 @@ def test_match_instances_is_greedy_by_score():
     # ties go to the lower ground-truth index
     assert bpr_nuclei.match_instances(gt, pred[2:], np.array([1.0]), 0.4) == [(0, 0)]
     assert bpr_nuclei.match_instances(gt, pred[:0], np.zeros(0)) == []
+
+
+def test_segmentation_config_is_validated():
+    from flexvision.train.validate import ConfigError, validate_config
+
+    config = get_config(CONFIG)
+    validate_config(config, device_count=1)
+    config.eval.coarse_channel = -1
+    config.eval.boundary_width = 0
+    config.mixup_alpha = 0.2
+    with pytest.raises(ConfigError) as err:
+        validate_config(config, device_count=1)
+    for key in ("eval.coarse_channel", "eval.boundary_width", "mixup_alpha"):
+        assert f"config.{key}=" in str(err.value)
