@@ -5,7 +5,8 @@ textured images with blob-shaped instances (ellipses with wavy outlines, colour 
 noise); coarse masks are their ground truth degraded as ``detection/bpr_train.degrade_mask``
 does (a 1/4..1/8-resolution copy, then a random dilation or erosion). A small ``bpr_hrnet18s``
 (reduced widths) is trained on boundary patches of the training scenes' coarse masks (BPR's
-recipe: flip, photometric distortion, SGD momentum 0.9, poly schedule) and then refines the
+recipe as configs/bpr_hrnet18s_nuclei.py has it: flip, photometric distortion, SGD momentum
+0.9, poly schedule) and then refines the
 coarse masks of held-out scenes with ``detection/bpr.refine``. Reported per seed: mean Boundary
 IoU and mask IoU of the coarse and of the refined masks against the ground truth; over seeds,
 the mean and standard deviation of the gain.
@@ -13,9 +14,10 @@ the mean and standard deviation of the gain.
     python -m experiments.bpr_synthetic --outdir workdirs/bpr_synthetic --seeds 0 1 2
 
 Measured with the defaults (24 training / 8 held-out scenes per seed, 300 steps of batch 32,
-patch 16 -> network 32, Boundary IoU at width 2; 2 shared CPU cores, 318 s): Boundary IoU
-0.231 / 0.223 / 0.227 (coarse) -> 0.640 / 0.695 / 0.675 (refined) for seeds 0 / 1 / 2, a gain of
-+0.443 +- 0.026 (std over seeds); mask IoU +0.189 +- 0.013. Synthetic instances differ from
+patch 16 -> network 32, Boundary IoU at width 2; the recipe of configs/bpr_hrnet18s_nuclei.py;
+2 CPU cores shared with other jobs, 321 s): Boundary IoU 0.231 / 0.223 / 0.227 (coarse) ->
+0.652 / 0.645 / 0.698 (refined) for seeds 0 / 1 / 2, a gain of +0.437 +- 0.023 (std over
+seeds); mask IoU +0.188 +- 0.010. Synthetic instances differ from
 their background in colour, so the image tells the refiner where the boundary is; real data
 (issue 17's nuclei) will be harder. Outputs in ``--outdir``: bpr_synthetic.json and one
 bpr_synthetic_overlay_seed<k>.png per seed (a held-out scene: ground truth, coarse, refined).
