@@ -2,12 +2,11 @@ r"""BPR on synthetic instances: does a refiner trained on degraded ground truth 
 
 A stand-in for the nuclei experiment of issue 18 until its data is in the tree. Scenes are
 textured images with blob-shaped instances (ellipses with wavy outlines, colour contrast plus
-noise); coarse masks are their ground truth degraded as ``detection/bpr_train.degrade_mask``
+noise); coarse masks are their ground truth degraded as ``detection/bpr_data.degrade_mask``
 does (a 1/4..1/8-resolution copy, then a random dilation or erosion). A small ``bpr_hrnet18s``
 (reduced widths) is trained on boundary patches of the training scenes' coarse masks (BPR's
 recipe as configs/bpr_hrnet18s_nuclei.py has it: flip, photometric distortion, SGD momentum
-0.9, poly schedule) and then refines the
-coarse masks of held-out scenes with ``detection/bpr.refine``. Reported per seed: mean Boundary
+0.9, poly schedule) and then refines the coarse masks of held-out scenes with ``detection/bpr.refine``. Reported per seed: mean Boundary
 IoU and mask IoU of the coarse and of the refined masks against the ground truth; over seeds,
 the mean and standard deviation of the gain.
 
