@@ -201,6 +201,16 @@ def _check_task(c: _Checker, config, build_model) -> None:
     if c.get("eval.patch_sizes") and not accepts_patch_size(model):
         c.bad("eval.patch_sizes", f"{c.get('model.name')} has no patch_size argument; leave it "
                                   f"empty")
+    if c.get("flexi") is not None and c.get("flexi.patch_sizes") and not accepts_patch_size(
+            model):
+        c.bad("flexi.patch_sizes", f"{c.get('model.name')} has no patch_size argument; set "
+                                   f"config.flexi = None")
+    c.int_at_least("eval.timing_repeats", 1, default=1)
+    for key, default, low_open in (("eval.mask_threshold", 0.5, True),
+                                   ("eval.overlay_score", 0.5, False)):
+        value = c.get(key, default)
+        if not _is_number(value) or not (0 < value < 1 if low_open else 0 <= value <= 1):
+            c.bad(key, "must be a number in " + ("(0, 1)" if low_open else "[0, 1]"))
     _check_detection_data(c, model, capacities)
 
 
