@@ -126,8 +126,9 @@ def nuclei_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def bpr_trained_run(bpr_patches_data_dir, jax_cache_dir, tmp_path_factory):
-    """(workdir, final eval table) of configs/bpr_hrnet18s_nuclei.py cut to 12 steps of batch 16
-    (loss logged every step), trained in-process by ``train_and_evaluate``. Read-only."""
+    """(workdir, final eval table) of configs/bpr_hrnet18s_nuclei.py cut to two HRNet stages
+    (4 and 8 wide) and 12 steps of batch 16 at lr 0.1 (loss logged every step), trained by
+    ``train_and_evaluate`` in-process. Read-only."""
     path, lock = _shared_dir(tmp_path_factory, "bpr_trained_run")
     with lock:
         if not (path / "final_eval.json").exists():
@@ -135,8 +136,11 @@ def bpr_trained_run(bpr_patches_data_dir, jax_cache_dir, tmp_path_factory):
             from flexvision.train.trainer import train_and_evaluate
 
             config = get_config(os.path.join(REPO, "configs", "bpr_hrnet18s_nuclei.py"))
+            config.model.kwargs.stages = [[1, "bottleneck", [1], [4]],
+                                          [1, "basic", [1, 1], [4, 8]]]
             config.input.data_dir = bpr_patches_data_dir
             config.input.batch_size = 16
+            config.lr = 0.1
             config.total_steps = 12
             config.log_every = 1
             config.checkpoint_every = 0
