@@ -252,6 +252,30 @@ def refine_predictions(refiner_workdir: str, predictions: str, outdir: str, *,
     return table
 
 
+GAINS = ("mask_AP", "mask_AP50", "mask_AP75", "boundary_iou", "mask_iou")
+
+
+def refine_with_refiners(refiner_workdirs, predictions: str, outdir: str, **kwargs) -> dict:
+    """:func:`refine_predictions` with each refiner workdir (e.g. one per training seed) on the
+    same detector output; bpr_nuclei_maskrcnn.json then holds every refiner's table under
+    ``per_refiner`` and, per metric of :data:`GAINS`, the mean and standard deviation over the
+    refiners of refined - coarse (the overlay is the first refiner's)."""
+    per_refiner = []
+    for index, workdir in enumerate(refiner_workdirs):
+        scratch = outdir if index == 0 else os.path.join(outdir, f"refiner{index}")
+        per_refiner.append(refine_predictions(workdir, predictions, scratch, **kwargs))
+    table = {"experiment": "bpr_nuclei_maskrcnn", "predictions": per_refiner[0]["predictions"],
+             "refiners": len(per_refiner), "per_refiner": per_refiner}
+    for key in GAINS:
+        gains = [t[f"refined_{key}"] - t[f"coarse_{key}"] for t in per_refiner
+                 if t[f"coarse_{key}"] is not None]
+        table[f"{key}_gain_mean"] = float(np.mean(gains)) if gains else None
+        table[f"{key}_gain_std"] = float(np.std(gains)) if gains else None
+    with open(os.path.join(outdir, "bpr_nuclei_maskrcnn.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=2)
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--outdir", required=True)
@@ -262,8 +286,9 @@ def main(argv=None):
                         help="a COCO results json (workdir/predictions/<split>_<ps>.json of a "
                              "detection run): refine its masks instead of degraded ground truth "
                              "(needs --refiner_workdir)")
-    parser.add_argument("--refiner_workdir", default=None,
-                        help="a workdir of configs/bpr_hrnet18s_nuclei.py")
+    parser.add_argument("--refiner_workdir", nargs="+", default=None,
+                        help="workdir(s) of configs/bpr_hrnet18s_nuclei.py (several, e.g. one "
+                             "per seed: the gains' mean and spread over them)")
     parser.add_argument("--ground_truth", default=None,
                         help="default: <split>_ground_truth.json next to --coarse_predictions")
     parser.add_argument("--score_threshold", type=float, default=0.5)
@@ -271,14 +296,18 @@ def main(argv=None):
     if args.coarse_predictions or args.refiner_workdir:
         if not (args.coarse_predictions and args.refiner_workdir):
             parser.error("--coarse_predictions and --refiner_workdir go together")
-        table = refine_predictions(args.refiner_workdir, args.coarse_predictions, args.outdir,
-                                   ground_truth=args.ground_truth,
-                                   score_threshold=args.score_threshold)
-        print(f"{table['predictions_count']} predicted masks on {table['images']} image(s): "
-              f"mask AP {table['coarse_mask_AP']:.3f} -> {table['refined_mask_AP']:.3f}, AP75 "
-              f"{table['coarse_mask_AP75']:.3f} -> {table['refined_mask_AP75']:.3f}; over "
-              f"{table['matched']} matched nuclei boundary IoU {table['coarse_boundary_iou']} -> "
-              f"{table['refined_boundary_iou']} ({table['seconds']} s)")
+        table = refine_with_refiners(args.refiner_workdir, args.coarse_predictions,
+                                     args.outdir, ground_truth=args.ground_truth,
+                                     score_threshold=args.score_threshold)
+        for t in table["per_refiner"]:
+            print(f"{t['refiner_workdir']}: {t['predictions_count']} predicted masks: mask AP "
+                  f"{t['coarse_mask_AP']:.3f} -> {t['refined_mask_AP']:.3f}, AP75 "
+                  f"{t['coarse_mask_AP75']:.3f} -> {t['refined_mask_AP75']:.3f}; over "
+                  f"{t['matched']} matched nuclei boundary IoU {t['coarse_boundary_iou']} -> "
+                  f"{t['refined_boundary_iou']} ({t['seconds']} s)")
+        print(f"gains over {table['refiners']} refiner(s): mask AP "
+              f"{table['mask_AP_gain_mean']:+.3f} +- {table['mask_AP_gain_std']:.3f}, boundary "
+              f"IoU {table['boundary_iou_gain_mean']} +- {table['boundary_iou_gain_std']}")
         return
     table = run(args.outdir, tuple(args.seeds), copies=args.copies, steps=args.steps)
     for seed, r in table["per_seed"].items():

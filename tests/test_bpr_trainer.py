@@ -207,15 +207,20 @@ def test_refine_predictions_end_to_end(bpr_trained_run, tmp_path):
     workdir, _ = bpr_trained_run
     predictions, coarse, _ = _write_predictions(str(tmp_path))
     assert bpr_nuclei.ground_truth_path(predictions) == str(tmp_path / "test_ground_truth.json")
-    table = bpr_nuclei.refine_predictions(workdir, predictions, str(tmp_path / "out"),
-                                          score_threshold=0.0)
+    summary = bpr_nuclei.refine_with_refiners([workdir, workdir], predictions,
+                                              str(tmp_path / "out"), score_threshold=0.0)
+    table = summary["per_refiner"][0]
+    assert summary["refiners"] == 2 and summary["per_refiner"][1]["refined_mask_AP"] == \
+        table["refined_mask_AP"]
+    assert summary["mask_AP_gain_mean"] == table["refined_mask_AP"] - table["coarse_mask_AP"]
+    assert summary["boundary_iou_gain_std"] == 0.0
     assert table["predictions_count"] == len(coarse) and table["images"] == 1
     assert table["matched"] > 0.5 * len(coarse)
     for key in ("mask_AP", "mask_AP75", "boundary_iou", "mask_iou"):
         for name in ("coarse", "refined"):
             assert 0.0 <= table[f"{name}_{key}"] <= 1.0
     saved = json.loads((tmp_path / "out" / "bpr_nuclei_maskrcnn.json").read_text())
-    assert saved["refined_boundary_iou"] == table["refined_boundary_iou"]
+    assert saved["per_refiner"][0]["refined_boundary_iou"] == table["refined_boundary_iou"]
     assert (tmp_path / "out" / "bpr_nuclei_maskrcnn_overlay.png").stat().st_size > 1000
 
 
