@@ -250,3 +250,20 @@ def test_segmentation_config_is_validated():
         validate_config(config, device_count=1)
     for key in ("eval.coarse_channel", "eval.boundary_width", "mixup_alpha"):
         assert f"config.{key}=" in str(err.value)
+
+
+def test_interior_boundary_iou_ignores_the_patch_frame_by_hand():
+    from flexvision.train.segmentation import interior_boundary_iou
+
+    gt = np.zeros((6, 6), bool)
+    gt[:, :3] = True  # left half: its true boundary is column 2
+    np.testing.assert_equal(interior_boundary_iou(gt, gt, 1), 1.0)
+    shifted = np.zeros((6, 6), bool)
+    shifted[:, :4] = True  # boundary at column 3
+    # inside the frame (rows/cols 1..4): gt boundary col 2, pred col 3 -> disjoint
+    assert interior_boundary_iou(gt, shifted, 1) == 0.0
+    # the frame alone would have made them agree on rows 0 and 5 and column 0
+    from flexvision.detection import boundary
+    assert boundary.boundary_iou(gt, shifted, width=1) > 0.3
+    empty = np.zeros((6, 6), bool)
+    assert interior_boundary_iou(empty, np.ones((6, 6), bool), 1) == 1.0

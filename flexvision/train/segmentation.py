@@ -13,11 +13,12 @@ split (sums over patches, then ratios; padding rows excluded):
   mean_iou         mean over classes of |pred = k and label = k| / |pred = k or label = k|
                    (classes absent from both are left out).
   foreground_iou   the IoU of class 1 (for BPR: the instance).
-  boundary_iou     mean over examples of Boundary IoU (``detection/boundary.py``) of the class-1
-                   masks at ``config.eval.boundary_width`` px (default 1). The outside of a
-                   patch counts as background there, so a patch's edges are boundary in both
-                   masks: a patch-level figure, comparable between models, not with an
-                   image-level Boundary IoU.
+  boundary_iou     mean over examples of the Boundary IoU (``detection/boundary.py``) of the
+                   class-1 masks at ``config.eval.boundary_width`` = w px (default 1), inside
+                   the patch less its w-px frame: ``mask_boundary`` counts the outside of the
+                   patch as background, so a mask reaching the patch's edge would be "boundary"
+                   there in both masks (an example with no boundary pixel left in either
+                   scores 1). A patch-level figure, not an image-level Boundary IoU.
   loss             the mean per-example loss.
 
 With ``config.eval.coarse_channel`` = c (BPR: 3, the coarse mask mapped to {-1, +1}), the same
@@ -86,6 +87,17 @@ def _ratios(sums: dict, pixels: float) -> dict[str, float]:
             "foreground_iou": float(intersection[1] / union[1]) if union[1] > 0 else 1.0}
 
 
+def interior_boundary_iou(gt: np.ndarray, pred: np.ndarray, width: int) -> float:
+    """Boundary IoU of two (H, W) binary masks of a patch, their boundaries
+    (``boundary.mask_boundary`` at ``width``) cut to the patch less its ``width``-px frame;
+    1.0 when neither has a boundary pixel there."""
+    inner = (slice(width, -width), slice(width, -width))
+    gt_boundary = boundary.mask_boundary(gt, width)[inner]
+    pred_boundary = boundary.mask_boundary(pred, width)[inner]
+    union = np.count_nonzero(gt_boundary | pred_boundary)
+    return 1.0 if union == 0 else np.count_nonzero(gt_boundary & pred_boundary) / union
+
+
 class SegmentationEvaluator(Evaluator):
     """The metrics of this module's docstring on every split of ``config.eval.splits``."""
 
@@ -125,7 +137,7 @@ class SegmentationEvaluator(Evaluator):
             preds = np.concatenate([b["pred" if source == "refined" else "coarse_pred"]
                                     for b in batches])
             values["boundary_iou"] = float(np.mean([
-                boundary.boundary_iou(g == 1, p == 1, width=self.boundary_width)
+                interior_boundary_iou(g == 1, p == 1, self.boundary_width)
                 for g, p in zip(gt, preds)])) if len(gt) else 1.0
             prefix = "" if source == "refined" else "coarse_"
             table.update({prefix + k: {DEFAULT: v} for k, v in values.items()})
