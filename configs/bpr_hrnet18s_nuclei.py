@@ -15,8 +15,12 @@ cores: 300 steps of batch 32 at lr 0.05, a few minutes.
     python -m flexvision.train --config configs/bpr_hrnet18s_nuclei.py --workdir /tmp/bpr_nuclei
 
 The eval (flexvision/train/segmentation.py) scores the refined held-out patches (pixel accuracy,
-mean/foreground IoU, patch Boundary IoU) next to the coarse masks they were given. The trained
-workdir refines whole images with ``python -m experiments.bpr_nuclei --refiner_workdir DIR``.
+mean/foreground IoU, patch Boundary IoU) next to the coarse masks they were given. Measured
+(seed 0; 56 s in all on 2 CPU cores shared with other jobs, load ~8), coarse -> refined on the
+221 held-out patches: pixel accuracy 0.916 -> 0.934, foreground IoU 0.821 -> 0.859, mean IoU
+0.842 -> 0.875, patch Boundary IoU 0.415 -> 0.509. The trained workdir refines whole images
+(a detector's COCO results) with ``python -m experiments.bpr_nuclei --refiner_workdir DIR
+--coarse_predictions FILE``.
 
 Departure from BPR: torch SGD's weight decay is coupled (added to the gradient before the
 momentum); flexvision's optimizer (engine/optim.py) decays decoupled, kernels only, after the
@@ -83,7 +87,10 @@ def get_config(arg=None):
     config.eval.batch_size = 64
     config.eval.every = 0
     config.eval.coarse_channel = 3
-    config.eval.boundary_width = 1
+    # 4 px of the 32 px network input = 2 px of the 16 px patch: the width of the image-level
+    # Boundary IoU of experiments/bpr_nuclei.py (at 1 px the 2x nearest-upsampled ground truth
+    # favours the equally upsampled coarse mask's pixel grid)
+    config.eval.boundary_width = 4
 
     config.mesh = (("data", -1),)
     config.sharding = sharding.default_config()
