@@ -114,6 +114,20 @@ def test_resume_from_a_checkpoint_gives_identical_params(tiny_detection_config, 
     assert again["mask_AP"] == final["mask_AP"] and again["box_AP50"] == final["box_AP50"]
 
 
+def test_evaluate_entry_picks_any_patch_size_of_a_detection_checkpoint(tiny_detection_config,
+                                                                      detection_run):
+    from flexvision.evaluate import evaluate_checkpoint
+
+    workdir, final, _ = detection_run
+    evaluated = evaluate_checkpoint(tiny_detection_config(), workdir, patch_sizes=[16])
+    table = evaluated["splits"]["test"]
+    assert evaluated["step"] == 6 and set(table["mask_AP"]) == {"16"}
+    for key in detection.METRICS:
+        assert table[key]["16"] == final[key]["16"], key
+    with pytest.raises(ValueError, match="detection evals run at the eval pp's size"):
+        evaluate_checkpoint(tiny_detection_config(), workdir, resolutions=[64])
+
+
 def test_random_patch_sizes_per_step_reach_the_detector(tiny_detection_config, detection_run):
     """The loop traced one detection train step per patch size the schedule drew, and each
     one called the detector with that patch_size (recorded by the fixture)."""

@@ -1,7 +1,8 @@
 """The training loop: ``train_and_evaluate(config, workdir)`` (see configs/*.py for the keys).
 
-Flow: mesh -> model -> objective (classification, or distillation for a ``config.distill``
-block: :func:`objective_for`) -> optimizer -> train state created already sharded (eval_shape ->
+Flow: mesh -> model -> objective (classification, distillation for a ``config.distill``
+block, Mask R-CNN for ``config.task = "detection"``: :func:`objective_for`) -> optimizer ->
+train state created already sharded (eval_shape ->
 ``sharding.tree_shardings`` -> jit(init, out_shardings)) -> restore the latest checkpoint in
 workdir/checkpoints -> input pipeline from that step -> loop (patch size of the step from
 (seed, step); one jitted step per patch size, cached in memory and in the persistent
@@ -112,7 +113,8 @@ def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None
     saving on SIGTERM and FloatingPointError on a non-finite loss.
 
     ``objective_fn(config, model, mesh) -> Objective`` chooses the task (default
-    :func:`objective_for`: distillation for a ``config.distill`` block, else classification).
+    :func:`objective_for`: distillation for a ``config.distill`` block, detection for
+    ``config.task = "detection"``, else classification).
     A config with ``config.distill`` trained with an objective that is not a distillation one
     is a ValueError, never a run that silently skips the teacher.
 

@@ -222,7 +222,10 @@ def _det_pad_capacity(c: _Checker, key: str) -> int | None:
     pp = c.get(key)
     if not isinstance(pp, str):
         return None
-    calls = [ops._parse_call(spec.strip()) for spec in pp.split("|") if spec.strip()]
+    try:
+        calls = [ops._parse_call(spec.strip()) for spec in pp.split("|") if spec.strip()]
+    except ValueError:
+        return None  # reported by the pp check itself
     names = [name for name, _, _ in calls]
     if "det_instances" not in names or "det_pad" not in names:
         c.bad(key, "a detection pp must unpack the instances with 'det_instances' and give "
