@@ -32,6 +32,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from flexvision.layers.flex import to_pair
+from flexvision.layers.instances import PADDED_DTYPES, capacity_error
 
 RNG_KEY = "_rng"
 Op = Callable[[dict], dict]
@@ -478,8 +479,10 @@ def get_det_scale_jitter(size, min_scale: float = 0.5, max_scale: float = 2.0,
 def get_det_pad(size, max_instances: int):
     """Pads the image (zeros, bottom/right) to ``size`` and the instances to ``max_instances``.
 
-    Adds ``valid`` [max_instances] (True for real instances) and ``image_size`` [2] (the
-    unpadded height, width). Padded instances have zero boxes, masks, labels. An image larger
+    The instances take the padded layout of :mod:`flexvision.layers.instances` (the one
+    ``detection.targets.pad_targets`` produces too): ``valid`` [max_instances] (True for the
+    real instances, in order) and zero boxes, masks, labels after them; also ``image_size``
+    [2] (the unpadded height, width). An image larger
     than ``size`` or with more than ``max_instances`` instances fails (InvalidArgumentError):
     resize/crop first (e.g. det_scale_jitter) or raise the capacity.
     """
@@ -498,9 +501,7 @@ def get_det_pad(size, max_instances: int):
                 message=f"det_pad({(target_h, target_w)}): the image is larger; resize or crop "
                         f"it first"),
             tf.debugging.assert_less_equal(
-                n, max_instances,
-                message=f"det_pad: more instances than max_instances={max_instances}; raise "
-                        f"the capacity"),
+                n, max_instances, message=f"det_pad: {capacity_error(max_instances)}"),
         ]
         with tf.control_dependencies(checks):
             data["image"] = tf.pad(image, [[0, target_h - h], [0, target_w - w], [0, 0]])
@@ -511,6 +512,8 @@ def get_det_pad(size, max_instances: int):
         for k, tail in (("boxes", [[0, 0]]), ("labels", []), ("is_crowd", [])):
             data[k] = tf.pad(data[k], [[0, extra]] + tail)
             data[k].set_shape([max_instances] + data[k].shape[1:].as_list())
+        for k in ("boxes", "labels", "masks"):
+            data[k] = tf.cast(data[k], PADDED_DTYPES[k])
         data["valid"] = tf.range(max_instances) < n
         data["image_size"] = tf.stack([h, w])
         return data
