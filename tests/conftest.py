@@ -99,6 +99,19 @@ def trained_run(tiny_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bpr_patches_data_dir(tmp_path_factory) -> str:
+    """The ``flexvision_bpr_patches`` dataset (detection/bpr_data.py, config nuclei) built once."""
+    from flexvision.detection import bpr_data
+
+    path, lock = _shared_dir(tmp_path_factory, "tfds_bpr_patches")
+    with lock:
+        if not (path / "ready").exists():
+            bpr_data.prepare(str(path))
+            (path / "ready").write_text("")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def nuclei_data_dir(tmp_path_factory) -> str:
     """The nuclei instance dataset (flexvision/data/instances.py) prepared once (TFDS)."""
     from flexvision.data import instances
@@ -109,6 +122,31 @@ def nuclei_data_dir(tmp_path_factory) -> str:
             instances.prepare(str(path))
             (path / "ready").write_text("")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpr_trained_run(bpr_patches_data_dir, jax_cache_dir, tmp_path_factory):
+    """(workdir, final eval table) of configs/bpr_hrnet18s_nuclei.py cut to two HRNet stages
+    (4 and 8 wide) and 12 steps of batch 16 at lr 0.1 (loss logged every step), trained by
+    ``train_and_evaluate`` in-process. Read-only."""
+    path, lock = _shared_dir(tmp_path_factory, "bpr_trained_run")
+    with lock:
+        if not (path / "final_eval.json").exists():
+            from flexvision.engine.configs import get_config
+            from flexvision.train.trainer import train_and_evaluate
+
+            config = get_config(os.path.join(REPO, "configs", "bpr_hrnet18s_nuclei.py"))
+            config.model.kwargs.stages = [[1, "bottleneck", [1], [4]],
+                                          [1, "basic", [1, 1], [4, 8]]]
+            config.input.data_dir = bpr_patches_data_dir
+            config.input.batch_size = 16
+            config.lr = 0.1
+            config.total_steps = 12
+            config.log_every = 1
+            config.checkpoint_every = 0
+            config.compilation_cache_dir = jax_cache_dir
+            train_and_evaluate(config, str(path))
+    return str(path), json.loads((path / "final_eval.json").read_text())
 
 
 @pytest.fixture(scope="session")

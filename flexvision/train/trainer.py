@@ -34,7 +34,7 @@ from flexvision.engine.checkpoint import Checkpointer
 from flexvision.engine.state import (abstract_train_state, build_model, create_train_state,
                                      eval_variables)
 from flexvision.engine.step import accepts_patch_size, make_train_step
-from flexvision.train import detection, distill, objective, validate
+from flexvision.train import detection, distill, objective, segmentation, validate
 from flexvision.train.metrics import MetricWriter, Progress
 from flexvision.train.objective import Objective
 
@@ -53,7 +53,8 @@ class Preempted(Exception):
 
 def objective_for(config, model, mesh) -> Objective:
     """The objective the config asks for: distillation when it has a ``config.distill`` block,
-    Mask R-CNN training for ``config.task = "detection"``, else classification."""
+    Mask R-CNN training for ``config.task = "detection"``, per-pixel segmentation (BPR's
+    refiner) for ``"segmentation"``, else classification."""
     task = config.get("task") or "classification"
     if config.get("distill") is not None:
         if task != "classification":
@@ -62,6 +63,8 @@ def objective_for(config, model, mesh) -> Objective:
         return distill.distillation(config, model, mesh)
     if task == "detection":
         return detection.detection_objective(config, model, mesh)
+    if task == "segmentation":
+        return segmentation.segmentation_objective(config, model, mesh)
     return objective.classification(config, model, mesh)
 
 

@@ -154,6 +154,8 @@ def validate_config(config, device_count: int | None = None, build_model=None) -
     c.sizes("eval.resolutions", allow_empty=True)
     c.int_at_least("eval.every", 0, " (0: only at the end)", default=0)
     _check_task(c, config, build_model or default_build_model)
+    if c.get("task") == "segmentation":
+        _check_segmentation(c)
     if c.problems:
         raise ConfigError(f"invalid config ({len(c.problems)} problem"
                           f"{'s' if len(c.problems) > 1 else ''}): " + "; ".join(c.problems))
@@ -279,3 +281,14 @@ def _check_detection_data(c: _Checker, model, capacities: dict[str, int | None])
                 c.bad(key, f"det_pad(..., max_instances={capacity}) holds fewer instances than "
                            f"an image of split {split!r} has ({most}); raise max_instances to "
                            f"at least {most}")
+
+
+def _check_segmentation(c: _Checker) -> None:
+    """The eval keys of flexvision/train/segmentation.py."""
+    channel = c.get("eval.coarse_channel")
+    if channel is not None and (not _is_int(channel) or channel < 0):
+        c.bad("eval.coarse_channel", "must be None or the input channel (>= 0) holding the "
+                                     "coarse mask, e.g. 3 for BPR's image + mask input")
+    c.int_at_least("eval.boundary_width", 1, " (pixels)", default=1)
+    if c.get("mixup_alpha"):
+        c.bad("mixup_alpha", "must be 0 for segmentation (mixup would blend the label maps)")
