@@ -10,78 +10,26 @@ runs as built.
 
     python -m flexvision.train --config configs/maskrcnn_hrnet_nuclei.py \
         --workdir /tmp/maskrcnn_hrnet_nuclei
+
+Built from configs/maskrcnn_flexivit_nuclei.py (same data, anchors, heads, optimizer and
+steps), so the two demos cannot drift apart; only the backbone and its neck differ.
 """
 
-import ml_collections
+from flexvision.engine.configs import sibling
 
-from flexvision.engine import sharding
-
-MAX_INSTANCES = 48  # training tiles hold at most 15 nuclei, the held-out region 36
+flexivit_nuclei = sibling(__file__, "maskrcnn_flexivit_nuclei")  # one recipe, two backbones
+MAX_INSTANCES = flexivit_nuclei.MAX_INSTANCES
 
 
 def get_config(arg=None):
     """arg: unused (kept for the `configs/NAME.py:arg` convention)."""
-    del arg
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.task = "detection"
-
-    config.model = ml_collections.ConfigDict()
+    config = flexivit_nuclei.get_config(arg)
     config.model.name = "maskrcnn_hrnet_micro"
-    config.model.kwargs = ml_collections.ConfigDict({
-        "num_classes": 2,  # background + nucleus
-        "neck_channels": 32,
-        "backbone_overrides": {"in_chans": 1},
-        # Trained from scratch: BatchNorm learns (build_maskrcnn freezes it by default, as for
-        # an ImageNet-initialised backbone).
-        "freeze_bn": False,
-        # FPN levels at strides 4, 8, 16 and the pool at 32: 6 x stride anchors (24 px at
-        # stride 4; nuclei are 14-34 px wide, median 25).
-        "rpn_overrides": {"anchor_sizes": ((24.0,), (48.0,), (96.0,), (192.0,)),
-                          "pre_nms_top_n_train": 256, "post_nms_top_n_train": 128,
-                          "pre_nms_top_n_test": 256, "post_nms_top_n_test": 128,
-                          "batch_size_per_image": 128},
-        "roi_overrides": {"representation_size": 128, "mask_layers": (32, 32),
-                          "mask_dim_reduced": 32, "batch_size_per_image": 64,
-                          "detections_per_img": 100},
-    })
-
-    config.input = ml_collections.ConfigDict()
-    config.input.name = "nuclei"
-    config.input.split = "train"
-    config.input.data_dir = ml_collections.config_dict.placeholder(str)
-    config.input.pp = (f"decode(1)|det_instances|det_flip_lr|det_flip_ud|"
-                       f"det_scale_jitter(128, 0.8, 1.25)|det_pad(128, {MAX_INSTANCES})|"
-                       f"value_range(-1, 1)")
-    config.input.batch_size = 4
-    config.input.shuffle_buffer = 64
-
+    kwargs = config.model.kwargs
+    del kwargs["neck_overrides"]  # an FPN over HRNet's branches (strides 4, 8, 16), pool at 32
+    # Trained from scratch: BatchNorm learns (build_maskrcnn freezes it by default, as for an
+    # ImageNet-initialised backbone).
+    kwargs.freeze_bn = False
     config.flexi = None  # fixed architecture: no patch size to draw
-
-    config.lr = 2e-3
-    config.schedule = ml_collections.ConfigDict(
-        {"warmup_steps": 40, "decay_type": "cosine", "min_lr_ratio": 0.0})
-    config.optax = ml_collections.ConfigDict(
-        {"name": "adam", "kwargs": {"b1": 0.9, "b2": 0.999}, "weight_decay": 1e-4,
-         "grad_clip_norm": 1.0})
-
-    config.total_steps = 600
-    config.log_every = 25
-    config.checkpoint_every = 200
-    config.keep_checkpoints = 2
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.pp = (f"decode(1)|det_instances|det_pad((128, 512), {MAX_INSTANCES})|"
-                      f"value_range(-1, 1)")
-    config.eval.splits = ("test",)
     config.eval.patch_sizes = ()
-    config.eval.batch_size = 1
-    config.eval.every = 0
-    config.eval.timing_repeats = 3
-    config.eval.mask_threshold = 0.5
-    config.eval.overlay_score = 0.5
-
-    config.mesh = (("data", -1),)
-    config.sharding = sharding.default_config()
-    config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config
