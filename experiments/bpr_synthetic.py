@@ -2,20 +2,21 @@ r"""BPR on synthetic instances: does a refiner trained on degraded ground truth 
 
 A stand-in for the nuclei experiment of issue 18 until its data is in the tree. Scenes are
 textured images with blob-shaped instances (ellipses with wavy outlines, colour contrast plus
-noise); coarse masks are their ground truth degraded as ``detection/bpr_train.degrade_mask``
+noise); coarse masks are their ground truth degraded as ``detection/bpr_data.degrade_mask``
 does (a 1/4..1/8-resolution copy, then a random dilation or erosion). A small ``bpr_hrnet18s``
 (reduced widths) is trained on boundary patches of the training scenes' coarse masks (BPR's
-recipe: flip, photometric distortion, SGD momentum 0.9, poly schedule) and then refines the
-coarse masks of held-out scenes with ``detection/bpr.refine``. Reported per seed: mean Boundary
+recipe as configs/bpr_hrnet18s_nuclei.py has it: flip, photometric distortion, SGD momentum
+0.9, poly schedule) and then refines the coarse masks of held-out scenes with ``detection/bpr.refine``. Reported per seed: mean Boundary
 IoU and mask IoU of the coarse and of the refined masks against the ground truth; over seeds,
 the mean and standard deviation of the gain.
 
     python -m experiments.bpr_synthetic --outdir workdirs/bpr_synthetic --seeds 0 1 2
 
 Measured with the defaults (24 training / 8 held-out scenes per seed, 300 steps of batch 32,
-patch 16 -> network 32, Boundary IoU at width 2; 2 shared CPU cores, 318 s): Boundary IoU
-0.231 / 0.223 / 0.227 (coarse) -> 0.640 / 0.695 / 0.675 (refined) for seeds 0 / 1 / 2, a gain of
-+0.443 +- 0.026 (std over seeds); mask IoU +0.189 +- 0.013. Synthetic instances differ from
+patch 16 -> network 32, Boundary IoU at width 2; the recipe of configs/bpr_hrnet18s_nuclei.py;
+2 CPU cores shared with other jobs, 321 s): Boundary IoU 0.231 / 0.223 / 0.227 (coarse) ->
+0.652 / 0.645 / 0.698 (refined) for seeds 0 / 1 / 2, a gain of +0.437 +- 0.023 (std over
+seeds); mask IoU +0.188 +- 0.010. Synthetic instances differ from
 their background in colour, so the image tells the refiner where the boundary is; real data
 (issue 17's nuclei) will be harder. Outputs in ``--outdir``: bpr_synthetic.json and one
 bpr_synthetic_overlay_seed<k>.png per seed (a held-out scene: ground truth, coarse, refined).
@@ -28,15 +29,18 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import flexvision
-from flexvision.data import overlay
-from flexvision.detection import boundary, bpr, bpr_train
-from flexvision.models.hrnet import StageSpec
+import tensorflow as tf
 
+from flexvision.data import ops, overlay
+from flexvision.detection import boundary, bpr, bpr_data
+from flexvision.engine import losses, optim
+from flexvision.engine import state as state_lib
+from flexvision.engine.configs import get_config
 from flexvision.engine.step import make_train_step
 
 SCENE_HW = (128, 160)
@@ -44,9 +48,8 @@ PATCH_SIZE = 16
 NETWORK_SIZE = 32
 IOU_THRESHOLD = 0.25
 BOUNDARY_WIDTH = 2
-# a small refiner: the real stem and head, one module per stage, narrow branches
-SMALL_STAGES = (StageSpec(1, "bottleneck", (1,), (8,)), StageSpec(1, "basic", (1, 1), (8, 16)),
-                StageSpec(1, "basic", (1, 1, 1), (8, 16, 32)))
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "bpr_hrnet18s_nuclei.py")
 
 
 def make_scene(rng: np.random.Generator, instances: int = 4):
@@ -81,41 +84,66 @@ def make_scene(rng: np.random.Generator, instances: int = 4):
 
 
 def make_split(rng: np.random.Generator, scenes: int):
-    """[(image, gt masks, coarse masks)] for ``scenes`` scenes."""
+    """[(image uint8, gt masks, coarse masks)] for ``scenes`` scenes."""
     out = []
     for _ in range(scenes):
         image, gt = make_scene(rng)
-        coarse = np.stack([bpr_train.degrade_mask(m, rng) for m in gt])
-        out.append((image, gt, coarse))
+        coarse = np.stack([bpr_data.degrade_mask(m, rng) for m in gt])
+        out.append((np.round(image).astype(np.uint8), gt, coarse))
     return out
+
+
+def refiner_config(*, steps: int, batch_size: int, lr: float, seed: int):
+    """configs/bpr_hrnet18s_nuclei.py (the model, pp, loss and optimizer of the refiner trained
+    by the trainer) with the experiment's steps, batch size, lr and seed."""
+    config = get_config(CONFIG)
+    config.total_steps, config.input.batch_size = steps, batch_size
+    config.lr, config.seed = lr, seed
+    return config
+
+
+def patch_batches(examples: dict, pp: str, batch_size: int, seed: int):
+    """Endless numpy batches of ``examples`` (``bpr_data.patch_examples``' image/mask/label),
+    shuffled per epoch and preprocessed by ``pp`` with a stateless seed per example (as the
+    trainer's input pipeline does for a TFDS split)."""
+    preprocess = ops.parse(pp)
+    base = tf.constant([seed, 0], tf.int64)
+
+    def with_rng(index, example):
+        return dict(example, **{ops.RNG_KEY: tf.random.experimental.stateless_fold_in(base,
+                                                                                      index)})
+
+    def inputs(example):
+        return {k: v for k, v in preprocess(example).items() if k != ops.RNG_KEY}
+
+    ds = tf.data.Dataset.from_tensor_slices({k: examples[k] for k in ("image", "mask", "label")})
+    ds = ds.repeat().shuffle(len(examples["image"]), seed=seed).enumerate()
+    ds = ds.map(with_rng).map(inputs)
+    return ds.batch(batch_size, drop_remainder=True).as_numpy_iterator()
 
 
 def train_refiner(train_split, *, steps: int, batch_size: int, lr: float, seed: int,
                   patch_size: int = PATCH_SIZE, network_size: int = NETWORK_SIZE):
-    """(model, variables, losses, number of patches) of a small refiner trained on the boundary
-    patches of the split's (image, gt masks, coarse masks) triples."""
-    parts = [bpr_train.training_patches(image, gt, coarse, patch_size, IOU_THRESHOLD)
-             for image, gt, coarse in train_split]
-    images, coarse, gt = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    model = flexvision.create_model("bpr_hrnet18s", stages=SMALL_STAGES)
+    """(model, variables, losses, number of patches) of the refiner of
+    configs/bpr_hrnet18s_nuclei.py (:func:`refiner_config`) trained with the engine's optimizer
+    and train step on the boundary patches of the split's (image uint8, gt masks, coarse masks)
+    triples (``bpr_data.patch_examples``)."""
+    config = refiner_config(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    examples = bpr_data.patch_examples(train_split, patch_size=patch_size,
+                                       network_size=network_size, iou_threshold=IOU_THRESHOLD)
+    model = state_lib.build_model(config)
+    tx, _ = optim.make_optimizer(config)
     variables = jax.jit(model.init)(jax.random.PRNGKey(seed),
                                     jnp.zeros((1, network_size, network_size, 4)))
-    tx = bpr_train.bpr_sgd(steps, lr=lr)
-    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-             "batch_stats": variables["batch_stats"]}
-    state["opt_state"] = tx.init(state["params"])
-    step_fn = jax.jit(make_train_step(model, tx, bpr_train.pixel_xent, seed=seed))
-    batch_fn = jax.jit(lambda key, i, c, g: bpr_train.refiner_batch(key, i, c, g, network_size))
-    rng = np.random.default_rng(seed)
-    losses = []
-    for step in range(steps):
-        pick = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
-        batch = batch_fn(jax.random.PRNGKey(seed * 100003 + step), images[pick], coarse[pick],
-                         gt[pick])
-        state, metrics = step_fn(state, batch)
-        losses.append(float(metrics["loss"]))
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return model, variables, losses, len(images)
+    state = state_lib.train_state(nn.meta.unbox(variables), tx)
+    step_fn = jax.jit(make_train_step(model, tx, losses.mean_over_pixels(
+        losses.make_loss(config)), seed=seed))
+    batches = patch_batches(examples, config.input.pp, batch_size, seed)
+    history = []
+    for _ in range(steps):
+        state, metrics = step_fn(state, next(batches))
+        history.append(float(metrics["loss"]))
+    return model, state_lib.eval_variables(state), history, len(examples["image"])
 
 
 def overlay_panels(image, gt, coarse, refined) -> list[np.ndarray]:

@@ -4,7 +4,9 @@ r"""Evaluate the latest checkpoint of a training workdir at any patch sizes / re
         --patch_sizes=4,8,16 --resolutions=48,64 [--split=test] [--step=N]
 
 Uses the config's eval pp / splits / patch sizes / resolutions unless given on the command
-line; prints one table per split and writes DIR/eval_step<N>.json.
+line; prints one table per split and writes DIR/eval_step<N>.json. A detection run
+(``config.task = "detection"``) gets COCO box/mask AP and images/s per patch size
+(engine/detection.py; no resolutions: resize in the eval pp).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def evaluate_checkpoint(config, workdir: str, patch_sizes=None, resolutions=None
                         step: int | None = None) -> dict:
     """Restores checkpoint ``step`` (default latest) of ``workdir`` and evaluates it.
 
-    Returns ``{"step": N, "splits": {split: table}}`` (tables as in engine.evaluation).
+    Returns ``{"step": N, "splits": {split: table}}`` (tables as in engine.evaluation, or
+    engine.detection for ``config.task = "detection"``).
     """
     import numpy as np
 
@@ -41,14 +44,23 @@ def evaluate_checkpoint(config, workdir: str, patch_sizes=None, resolutions=None
     from flexvision.engine.sharding import create_mesh
     from flexvision.engine.state import load_workdir
 
+    if config.get("task") == "detection" and resolutions:
+        raise ValueError(f"resolutions={resolutions}: detection evals run at the eval pp's "
+                         f"size; resize in config.eval.pp (det_resize) instead")
     enable_compilation_cache(config.get("compilation_cache_dir"))
     sample = next(pipeline.eval_batches(config.input, config.eval.pp,
                                         (splits or config.eval.splits)[0], config.eval.batch_size))
     mesh = create_mesh(config.get("mesh") or [("data", -1)])
     _, model, variables, step = load_workdir(workdir, config=config, step=step, mesh=mesh,
                                              image_shape=np.shape(sample["image"])[1:])
-    evaluator = Evaluator(model, make_loss(config), config, mesh,
-                          patch_sizes=patch_sizes, resolutions=resolutions, splits=splits)
+    if config.get("task") == "detection":
+        from flexvision.engine.detection import DetectionEvaluator
+
+        evaluator = DetectionEvaluator(model, config, mesh, patch_sizes=patch_sizes,
+                                       splits=splits)
+    else:
+        evaluator = Evaluator(model, make_loss(config), config, mesh,
+                              patch_sizes=patch_sizes, resolutions=resolutions, splits=splits)
     return {"step": int(step), "splits": evaluator.run(variables)}
 
 
@@ -59,7 +71,7 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter off the console
     import jax
 
-    from flexvision.engine.evaluation import format_table
+    from flexvision.engine import detection, evaluation
 
     from flexvision.engine.integrity import CheckpointCorruptError, IncompatibleCheckpointError
     from flexvision.engine.workdir import WorkdirError
@@ -73,6 +85,8 @@ def main(argv) -> None:
     except (WorkdirError, IncompatibleCheckpointError, CheckpointCorruptError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    format_table = (detection.format_table if _CONFIG.value.get("task") == "detection"
+                    else evaluation.format_table)
     if jax.process_index() == 0:
         for split, table in results["splits"].items():
             print(format_table(table, f"{split} (checkpoint step {results['step']}):"))

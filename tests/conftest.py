@@ -105,6 +105,137 @@ def trained_run(tiny_config, tmp_path_factory):
     return str(path), json.loads((path / "final_eval.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def bpr_patches_data_dir(tmp_path_factory) -> str:
+    """The ``flexvision_bpr_patches`` dataset (detection/bpr_data.py, config nuclei) built once."""
+    from flexvision.detection import bpr_data
+
+    path, lock = _shared_dir(tmp_path_factory, "tfds_bpr_patches")
+    with lock:
+        if not (path / "ready").exists():
+            bpr_data.prepare(str(path))
+            (path / "ready").write_text("")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def nuclei_data_dir(tmp_path_factory) -> str:
+    """The nuclei instance dataset (flexvision/data/instances.py) prepared once (TFDS)."""
+    from flexvision.data import instances
+
+    path, lock = _shared_dir(tmp_path_factory, "tfds_nuclei")
+    with lock:
+        if not (path / "ready").exists():
+            instances.prepare(str(path))
+            (path / "ready").write_text("")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpr_trained_run(bpr_patches_data_dir, jax_cache_dir, tmp_path_factory):
+    """(workdir, final eval table) of configs/bpr_hrnet18s_nuclei.py cut to two HRNet stages
+    (4 and 8 wide) and 12 steps of batch 16 at lr 0.1 (loss logged every step), trained by
+    ``train_and_evaluate`` in-process. Read-only."""
+    path, lock = _shared_dir(tmp_path_factory, "bpr_trained_run")
+    with lock:
+        if not (path / "final_eval.json").exists():
+            from flexvision.engine.configs import get_config
+            from flexvision.train.trainer import train_and_evaluate
+
+            config = get_config(os.path.join(REPO, "configs", "bpr_hrnet18s_nuclei.py"))
+            config.model.kwargs.stages = [[1, "bottleneck", [1], [4]],
+                                          [1, "basic", [1, 1], [4, 8]]]
+            config.input.data_dir = bpr_patches_data_dir
+            config.input.batch_size = 16
+            config.lr = 0.1
+            config.total_steps = 12
+            config.log_every = 1
+            config.checkpoint_every = 0
+            config.compilation_cache_dir = jax_cache_dir
+            train_and_evaluate(config, str(path))
+    return str(path), json.loads((path / "final_eval.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_detection_config(nuclei_data_dir, jax_cache_dir):
+    """``make(**flat_overrides)``: configs/maskrcnn_flexivit_nuclei.py cut down to the tiny
+    ``maskrcnn_flexivit_micro`` (1-block width-16 FlexiViT, the registered tiny heads) on
+    64 x 64 training tiles, patch sizes {8, 16} drawn per step, 6 steps, checkpoints every 3
+    steps, evaluated on the held-out region resized to 32 x 128 at patch sizes 8 and 16."""
+    import ml_collections
+
+    from flexvision.engine.configs import get_config
+
+    def make(**overrides):
+        config = get_config(os.path.join(REPO, "configs", "maskrcnn_flexivit_nuclei.py"))
+        config.model.kwargs = ml_collections.ConfigDict(
+            {"num_classes": 2, "backbone_overrides": {
+                "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}})
+        config.input.data_dir = nuclei_data_dir
+        config.input.pp = ("decode(1)|det_instances|det_flip_lr|det_resize(64)|"
+                           "det_pad(64, 16)|value_range(-1, 1)")
+        config.input.batch_size = 4
+        config.flexi.patch_sizes = (8, 16)
+        config.eval.pp = ("decode(1)|det_instances|det_resize((32, 128))|det_pad((32, 128), 40)|"
+                          "value_range(-1, 1)")
+        config.eval.patch_sizes = (8, 16)
+        config.eval.timing_repeats = 1
+        config.lr = 3e-3
+        config.total_steps = 6
+        config.schedule.warmup_steps = 1
+        config.log_every = 1
+        config.checkpoint_every = 3
+        config.keep_checkpoints = 5
+        config.compilation_cache_dir = jax_cache_dir
+        config.update_from_flattened_dict(overrides)
+        return config
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def detection_run(tiny_detection_config, tmp_path_factory):
+    """(workdir, final eval table, patch_size the detector's train forward got in each trace) of
+    ``tiny_detection_config()`` trained in-process by ``train_and_evaluate``: 6 steps,
+    checkpoints at steps 3 and 6. Read-only for tests."""
+    path, lock = _shared_dir(tmp_path_factory, "detection_run")
+    traced_file = path.parent / "detection_run_traced.json"
+    with lock:
+        if not (path / "final_eval.json").exists():
+            import dataclasses
+
+            from flexvision.train.trainer import objective_for, train_and_evaluate
+
+            traced = []
+
+            class RecordingModel:
+                """The detector, recording the patch_size each traced train forward gets."""
+
+                def __init__(self, model):
+                    self._model = model
+
+                def __getattr__(self, name):
+                    return getattr(self._model, name)
+
+                def apply(self, *args, **kwargs):
+                    traced.append(kwargs.get("patch_size"))  # once per jit trace
+                    return self._model.apply(*args, **kwargs)
+
+            def recording_objective(config, model, mesh):
+                task = objective_for(config, model, mesh)
+
+                def batch_loss(model, variables, batch, rngs, patch_size):
+                    return task.batch_loss(RecordingModel(model), variables, batch, rngs,
+                                           patch_size)
+                return dataclasses.replace(task, batch_loss=batch_loss)
+
+            train_and_evaluate(tiny_detection_config(), str(path),
+                               objective_fn=recording_objective)
+            traced_file.write_text(json.dumps(traced))
+    return (str(path), json.loads((path / "final_eval.json").read_text()),
+            json.loads(traced_file.read_text()))
+
+
 # Tests of one module share per-process state: module- and session-scoped fixtures, lru_caches,
 # compiled functions, trained runs. xdist's default ``--dist load`` spreads a module's tests over
 # the workers, and each worker then builds that state again (an 8-device subprocess run, a

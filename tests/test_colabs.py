@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
 EXPECTED = {"quickstart.ipynb", "pi_resize.ipynb", "train_and_evaluate.ipynb",
-            "checkpoints.ipynb"}
+            "checkpoints.ipynb", "maskrcnn_nuclei.ipynb"}
 
 
 def test_expected_notebooks_exist():

@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 from flexvision.data import coco, ops
+from flexvision.detection import targets as targets_lib
+from flexvision.layers.instances import PADDED_DTYPES
 
 
 def _instances(h=48, w=64):
@@ -118,12 +120,35 @@ def test_pad_gives_static_shapes_and_validity():
     assert not out["image"][48:].any() and not out["image"][:, 64:].any()
     assert not out["masks"][4:].any() and not out["boxes"][4:].any()
     _assert_consistent(out)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="more instances than"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="more ground-truth instances than the padded capacity 3"):
         _run("det_instances|det_pad(64, 3)")
     with pytest.raises(tf.errors.InvalidArgumentError, match="the image is larger"):
         _run("det_instances|det_pad(32, 8)")
     with pytest.raises(ValueError, match="max_instances must be a positive int"):
         ops.parse("det_pad(32, 0)")
+
+
+def test_det_pad_and_pad_targets_give_identical_padded_instances():
+    # one layout (layers/instances.py) from the tf.data op and from the host-side padding of
+    # in-memory data; the model's labels are the dataset's + 1 where valid (0 is background)
+    empty = {"image": tf.zeros((30, 20, 3), tf.uint8),
+             "objects": {"box": tf.zeros((0, 4)), "label": tf.zeros((0,), tf.int64),
+                         "mask": tf.zeros((0, 30, 20, 1), tf.uint8),
+                         "is_crowd": tf.zeros((0,), tf.bool)}}
+    for data, shape, count in ((_instances(), (56, 72), 4), (empty, (32, 32), 0)):
+        out = _run(f"det_instances|det_pad({shape}, 6)", data=data)
+        masks = data["objects"]["mask"].numpy()[..., 0]
+        ref = targets_lib.pad_targets(
+            [data["objects"]["box"].numpy()], [data["objects"]["label"].numpy() + 1], 6,
+            [masks], shape)
+        assert out["valid"].tolist() == [True] * count + [False] * (6 - count)
+        for key in ("boxes", "masks", "valid", "labels"):
+            assert out[key].dtype == ref[key].dtype == PADDED_DTYPES[key], key
+        for key in ("boxes", "masks", "valid"):
+            np.testing.assert_array_equal(out[key], ref[key][0], err_msg=key)
+        np.testing.assert_array_equal(np.where(out["valid"], out["labels"] + 1, 0),
+                                      ref["labels"][0])
 
 
 def test_image_without_instances_through_every_op():

@@ -3,7 +3,7 @@
 Default workload (one image, COCO-style Mask R-CNN R50-FPN at test time): an 800x1333 image
 padded to 800x1344, FPN levels P2-P5 (200x336 .. 25x42) with 256 channels, 1000 proposals,
 91 classes. Timed, each jitted on its own (compile seconds, then the median of ``--repeats``
-runs of ``block_until_ready``):
+runs, with benchmark/timing.py's compile_timed and time_calls):
 
 * ``roi_align``: 1000 rois on P2, 7x7, sampling_ratio 2;
 * ``flatten_pyramid``: the one copy of P2-P5 into a table of rows that the poolers read;
@@ -32,9 +32,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
@@ -46,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flexvision import detection as det  # noqa: E402
+from flexvision.benchmark.timing import compile_timed, time_calls  # noqa: E402
 from flexvision.detection.roi_heads import RoIHeads, postprocess_detections  # noqa: E402
 
 
@@ -60,19 +59,13 @@ def random_boxes(rng: np.random.Generator, n: int, image_hw, min_side=16.0, max_
 
 
 def time_jitted(fn: Callable, *args, repeats: int = 5) -> dict[str, float]:
-    """Compile seconds and the median / min / max of ``repeats`` timed calls (milliseconds)."""
-    jitted = jax.jit(fn)
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # warm-up
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        runs.append((time.perf_counter() - start) * 1e3)
-    return {"compile_s": compile_s, "median_ms": statistics.median(runs), "min_ms": min(runs),
-            "max_ms": max(runs)}
+    """``fn`` jitted and compiled for ``args`` (:func:`timing.compile_timed`: compile seconds),
+    then timed (:func:`timing.time_calls`: the median / min / max of ``repeats`` runs, each of
+    back-to-back calls ended by ``block_until_ready``), in milliseconds per call."""
+    compiled, compile_info = compile_timed(jax.jit(fn), *args)
+    timing = time_calls(lambda: compiled(*args), warmup=1, repeats=repeats)
+    return {"compile_s": compile_info["compile_s"], "median_ms": timing.median_s * 1e3,
+            "min_ms": timing.min_s * 1e3, "max_ms": timing.max_s * 1e3}
 
 
 def workload(quick: bool) -> dict[str, Any]:

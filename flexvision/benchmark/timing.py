@@ -26,6 +26,7 @@ class Timing:
     max_s: float
     calls_per_run: int
     runs: int
+    run_s: tuple[float, ...] = ()  # seconds per call of each timed run, in timing order
 
     def per_second(self, items_per_call: float) -> dict[str, float]:
         """Throughput at the median run, with the slowest and fastest run as the range."""
@@ -67,7 +68,8 @@ def time_interleaved(calls: Sequence[Callable[[], Any]], *, warmup: int = 2, rep
                 out = call()
             jax.block_until_ready(out)
             runs[index].append((time.perf_counter() - start) / count)
-    return [Timing(statistics.median(r), min(r), max(r), c, repeats) for r, c in zip(runs, counts)]
+    return [Timing(statistics.median(r), min(r), max(r), c, repeats, tuple(r))
+            for r, c in zip(runs, counts)]
 
 
 

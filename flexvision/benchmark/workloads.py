@@ -174,7 +174,7 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
         choices.update(recorded)
         timing, ref_timing = _timed(lambda: compiled(work.variables, images), reference,
                                     warmup=warmup, repeats=repeats, min_time=min_time)
-        result["inference"] = _phase_report(
+        result["inference"] = phase_report(
             compiled, seconds, timing, batch_size, reference, ref_timing,
             analytic=analytic_flops(result["family"], work.model, resolution, batch_size,
                                     work.patch_size), dtype=dtype)
@@ -196,13 +196,56 @@ def benchmark_config(name: str, *, batch_size: int, resolution: tuple[int, int],
 
         timing, ref_timing = _timed(call, reference, warmup=warmup, repeats=repeats,
                                     min_time=min_time)
-        result["train"] = _phase_report(compiled, seconds, timing, batch_size, reference,
+        result["train"] = phase_report(compiled, seconds, timing, batch_size, reference,
                                         ref_timing, dtype=dtype)
         if profile:
             result["train"]["profile"] = profile_calls(compiled, call)
     result["device_peak_bytes"] = device_peak_bytes()
     result["attention"] = sorted(choices)  # implementations chosen (layers.attention)
     return result
+
+
+@dataclasses.dataclass
+class PreparedPhase:
+    """One compiled phase ready to time: ``call()`` runs it once (a train step advances its own
+    donated state), with what :func:`phase_report` needs afterwards."""
+
+    call: Callable[[], Any]
+    compiled: Any
+    seconds: dict
+    analytic: int | None
+    attention: list[str]
+
+
+def prepare_phase(name: str, phase: str, *, batch_size: int, resolution: tuple[int, int],
+                  patch_size: int | None = None, dtype: str = "float32",
+                  optimizer: str = "adamw", overrides: dict | None = None, seed: int = 0,
+                  compiler_options: dict | None = None) -> PreparedPhase:
+    """Builds and compiles ``phase`` ('inference' or 'train': the engine's train step) of
+    registered model ``name`` without timing it, so that callers can time it interleaved with
+    other calls (e.g. ``versus_timm``: flexvision and timm in alternation)."""
+    if phase not in ("inference", "train"):
+        raise ValueError(f"phase must be 'inference' or 'train', got {phase!r}")
+    work = build_workload(name, resolution=resolution, patch_size=patch_size, dtype=dtype,
+                          optimizer=optimizer, overrides=overrides, seed=seed)
+    batch = work.batch(batch_size, resolution)
+    with record_attention_choices() as recorded:
+        if phase == "inference":
+            compiled, seconds = compile_timed(jax.jit(work.infer), work.variables,
+                                              batch["image"], compiler_options=compiler_options)
+            call = functools.partial(compiled, work.variables, batch["image"])
+        else:
+            holder = {"state": work.init_train_state()}
+            compiled, seconds = compile_timed(jax.jit(work.train_step(), donate_argnums=0),
+                                              holder["state"], batch,
+                                              compiler_options=compiler_options)
+
+            def call():
+                holder["state"], metrics = compiled(holder["state"], batch)
+                return metrics["loss"]
+    analytic = (analytic_flops(registry.model_family(name), work.model, resolution, batch_size,
+                               work.patch_size) if phase == "inference" else None)
+    return PreparedPhase(call, compiled, seconds, analytic, sorted(set(recorded)))
 
 
 def flexi_overhead(name: str, *, batch_size: int, resolution: tuple[int, int], patch_size: int,
@@ -305,7 +348,7 @@ def _timed(call, reference, **kwargs) -> tuple[Timing, Timing | None]:
     return model_timing, reference_timing
 
 
-def _phase_report(compiled, seconds: dict, timing: Timing, batch_size: int,
+def phase_report(compiled, seconds: dict, timing: Timing, batch_size: int,
                   reference=None, reference_timing: Timing | None = None, *,
                   analytic: int | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Timing, FLOPs and utilisation of one phase. ``flop_counts`` holds the three counts

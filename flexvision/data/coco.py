@@ -173,7 +173,8 @@ def _image_records(coco, label_of: dict[int, int], annotation_file: str) -> Iter
             masks.append(mask)
             crowd.append(bool(ann.get("iscrowd", 0)))
         yield {
-            "id": int(image["id"]), "file_name": image["file_name"], "height": h, "width": w,
+            "id": int(image["id"]), "file_name": image.get("file_name", ""), "height": h,
+            "width": w,
             "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
             "labels": np.asarray(labels, np.int64),
             "masks": np.asarray(masks, bool).reshape(-1, h, w),
@@ -196,6 +197,67 @@ def write_coco(path: str, records: Sequence[Mapping[str, Any]], class_names: Seq
     with open(path, "w") as f:
         json.dump(dataset, f)
     return dataset
+
+
+def read_results(results_file: str) -> dict[int, dict[str, np.ndarray]]:
+    """Reads a COCO *results* json (a list of detections, as ``COCO.loadRes`` takes and
+    flexvision's detection evaluator writes to workdir/predictions/<split>_<ps>.json) into
+    per-image predictions with decoded masks, each image's detections by descending score.
+
+    Every detection needs ``image_id``, ``category_id`` (1-based: label = category_id - 1),
+    ``score`` and ``segmentation`` (compressed or uncompressed RLE with its ``size`` [H, W]);
+    ``bbox`` [x, y, w, h] is optional (default: the mask's tight box).
+
+    Returns ``{image_id: {"boxes": [M, 4] float32 (x1, y1, x2, y2), "scores": [M] float32,
+    "labels": [M] int64, "masks": [M, H, W] bool}}``. Raises ValueError for a file that is not
+    a list, a detection missing one of those keys or with polygon segmentation, category ids
+    below 1, and masks of different sizes within one image.
+    """
+    from pycocotools import mask as mask_utils
+
+    with open(results_file, encoding="utf-8") as f:
+        results = json.load(f)
+    if not isinstance(results, list):
+        raise ValueError(f"{results_file}: a COCO results file is a json list of detections, "
+                         f"got a {type(results).__name__} (an annotation file? read it with "
+                         f"read_coco)")
+    per_image: dict[int, list] = {}
+    for index, det in enumerate(results):
+        missing = [k for k in ("image_id", "category_id", "score", "segmentation")
+                   if k not in det]
+        if missing:
+            raise ValueError(f"{results_file}: detection {index} lacks {missing}; BPR needs "
+                             f"instance masks (segmentation as RLE) with their scores")
+        rle = det["segmentation"]
+        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+            raise ValueError(f"{results_file}: detection {index} has a segmentation that is not "
+                             f"an RLE dict with 'size' and 'counts' (polygons are not read)")
+        if int(det["category_id"]) < 1:
+            raise ValueError(f"{results_file}: detection {index} has category_id "
+                             f"{det['category_id']}; COCO category ids are 1-based")
+        if isinstance(rle["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        elif isinstance(rle["counts"], str):
+            rle = dict(rle, counts=rle["counts"].encode("ascii"))
+        per_image.setdefault(int(det["image_id"]), []).append(
+            (float(det["score"]), int(det["category_id"]) - 1, det.get("bbox"),
+             mask_utils.decode(rle).astype(bool)))
+    out = {}
+    for image_id, dets in per_image.items():
+        dets.sort(key=lambda d: -d[0])
+        sizes = {d[3].shape for d in dets}
+        if len(sizes) > 1:
+            raise ValueError(f"{results_file}: image {image_id} has masks of sizes "
+                             f"{sorted(sizes)}; all masks of one image must have its size")
+        masks = np.stack([d[3] for d in dets])
+        boxes = boxes_from_masks(masks)
+        for i, det in enumerate(dets):
+            if det[2] is not None:
+                x, y, w, h = (float(v) for v in det[2])
+                boxes[i] = (x, y, x + w, y + h)
+        out[image_id] = {"boxes": boxes, "scores": np.asarray([d[0] for d in dets], np.float32),
+                         "labels": np.asarray([d[1] for d in dets], np.int64), "masks": masks}
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from flexvision.layers.flex import to_pair
+from flexvision.layers.instances import PADDED_DTYPES, capacity_error
 
 RNG_KEY = "_rng"
 Op = Callable[[dict], dict]
@@ -242,12 +243,30 @@ def get_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
 
 
 @register_op("flip_lr")
-def get_flip_lr(key: str = "image"):
-    """Flips the image left-right with probability 1/2."""
-    def _op(data):
-        data[key] = tf.image.stateless_random_flip_left_right(data[key], seed=_split_rng(data))
+def get_flip_lr(key="image"):
+    """Flips the image left-right with probability 1/2.
+
+    ``key`` may be a tuple of keys, e.g. ``flip_lr(('image', 'mask', 'label'))``: one draw
+    flips all of them or none (a segmentation example's image, input mask and per-pixel
+    labels, each [H, W, ...], stay aligned; BPR's ``RandomFlip`` on img and gt_semantic_seg).
+    """
+    if isinstance(key, str):
+        def _op(data):
+            data[key] = tf.image.stateless_random_flip_left_right(data[key],
+                                                                  seed=_split_rng(data))
+            return data
+        return _op
+    keys = tuple(key)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"key must be a key name or a tuple of key names, got {key!r}")
+
+    def _op_together(data):
+        flip = tf.random.stateless_uniform([], seed=_split_rng(data)) < 0.5
+        for k in keys:
+            data[k] = tf.cond(flip, lambda k=k: tf.reverse(data[k], axis=[1]),
+                              lambda k=k: data[k])
         return data
-    return _op
+    return _op_together
 
 
 @register_op("value_range")
@@ -277,6 +296,124 @@ def get_onehot(depth: int, key: str = "label", key_result: str = "labels", on: f
     def _op(data):
         data[key_result] = tf.one_hot(tf.cast(data[key], tf.int32), depth, on_value=on,
                                       off_value=off, dtype=tf.float32)
+        return data
+    return _op
+
+
+# mmseg PhotoMetricDistortion defaults (tinyalpha/BPR configs/bpr/*.py use them)
+BRIGHTNESS_DELTA = 32.0
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # OpenCV hue units of 2 degrees; numpy randint(-18, 18) draws -18 .. 17
+
+
+def _truncate(image: tf.Tensor) -> tf.Tensor:
+    """mmseg's ``convert``: clip to [0, 255], then ``astype(np.uint8)`` (truncation)."""
+    return tf.floor(tf.clip_by_value(image, 0.0, 255.0))
+
+
+@register_op("photometric_distortion")
+def get_photometric_distortion(brightness_delta: float = BRIGHTNESS_DELTA,
+                               contrast_range=CONTRAST_RANGE, saturation_range=SATURATION_RANGE,
+                               hue_delta: int = HUE_DELTA, key: str = "image"):
+    """mmseg ``PhotoMetricDistortion`` (mmseg/datasets/pipelines/transforms.py, BPR's training
+    pipeline) on one RGB uint8 image [H, W, 3], each step applied with probability 1/2:
+    brightness + U(-delta, delta); contrast x U(range) either right after it or last (1/2
+    each); saturation x U(range); hue + randint(-hue_delta, hue_delta) OpenCV units (2 degrees).
+
+    As mmseg on uint8 images: after brightness and contrast the pixels are clipped to [0, 255]
+    and truncated to integers, saturation is clipped and truncated on OpenCV's 0..255 scale,
+    and the HSV -> RGB conversion rounds. Not replicated: OpenCV's uint8 HSV quantises hue to
+    2-degree units and value to integers before the conversion back; here HSV is float
+    (``tf.image.rgb_to_hsv``). Returns uint8.
+    """
+    low_c, high_c = (float(v) for v in contrast_range)
+    low_s, high_s = (float(v) for v in saturation_range)
+    if not 0 <= low_c <= high_c or not 0 <= low_s <= high_s or brightness_delta < 0:
+        raise ValueError(f"need brightness_delta >= 0 and ranges 0 <= low <= high, got "
+                         f"{brightness_delta!r}, {contrast_range!r}, {saturation_range!r}")
+    if not isinstance(hue_delta, int) or not 0 <= hue_delta < 180:
+        raise ValueError(f"hue_delta must be an int in [0, 180) (OpenCV units), got "
+                         f"{hue_delta!r}")
+
+    def _op(data):
+        image = data[key]
+        if image.shape[-1] != 3:
+            raise ValueError(f"photometric_distortion needs an RGB [H, W, 3] image under "
+                             f"{key!r}, got shape {image.shape}; decode with channels=3")
+        seeds = tf.random.experimental.stateless_split(_split_rng(data), num=9)
+
+        def coin(i):
+            return tf.random.stateless_uniform([], seed=seeds[i]) < 0.5
+
+        def uniform(i, low, high):
+            return tf.random.stateless_uniform([], seed=seeds[i], minval=low, maxval=high)
+
+        image = tf.cast(image, tf.float32)
+        image = tf.where(coin(0), _truncate(image + uniform(1, -brightness_delta,
+                                                            brightness_delta)), image)
+        contrast_alpha = uniform(3, low_c, high_c)
+        apply_contrast = coin(2)
+
+        def contrast(x):
+            return tf.where(apply_contrast, _truncate(x * contrast_alpha), x)
+
+        contrast_first = coin(4)
+        image = tf.where(contrast_first, contrast(image), image)
+        hsv = tf.image.rgb_to_hsv(image / 255.0)
+        saturation = tf.floor(tf.clip_by_value(hsv[..., 1] * 255.0 * uniform(6, low_s, high_s),
+                                               0.0, 255.0)) / 255.0
+        hsv = tf.stack([hsv[..., 0], saturation, hsv[..., 2]], axis=-1)
+        image = tf.where(coin(5), tf.round(tf.image.hsv_to_rgb(hsv) * 255.0), image)
+        hsv = tf.image.rgb_to_hsv(image / 255.0)
+        shift = tf.cast(tf.random.stateless_uniform([], seeds[8], minval=-hue_delta,
+                                                    maxval=max(hue_delta, 1), dtype=tf.int32)
+                        if hue_delta else 0, tf.float32) / 180.0
+        hsv = tf.stack([tf.math.floormod(hsv[..., 0] + shift, 1.0), hsv[..., 1], hsv[..., 2]],
+                       axis=-1)
+        image = tf.where(coin(7), tf.round(tf.image.hsv_to_rgb(hsv) * 255.0), image)
+        image = tf.where(contrast_first, image, contrast(image))
+        data[key] = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+        return data
+    return _op
+
+
+@register_op("standardize")
+def get_standardize(mean, std, key: str = "image"):
+    """(x - mean) / std per channel (float32); ``mean`` and ``std`` are numbers or one per
+    channel, in the image's units (e.g. BPR's/mmseg's RGB 0..255 statistics,
+    ``flexvision.detection.bpr.IMAGE_MEAN`` / ``IMAGE_STD``)."""
+    mean_values = [float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean])]
+    std_values = [float(v) for v in (std if isinstance(std, (list, tuple)) else [std])]
+    if not all(v > 0 for v in std_values):
+        raise ValueError(f"std must be positive, got {std!r}")
+
+    def _op(data):
+        data[key] = (tf.cast(data[key], tf.float32) - mean_values) / std_values
+        return data
+    return _op
+
+
+@register_op("concat_channels")
+def get_concat_channels(keys, key_result: str = "image"):
+    """Concatenates ``data[k]`` for ``k`` in ``keys`` along the last axis (as float32) into
+    ``data[key_result]``: e.g. BPR's image + coarse mask -> a 4-channel network input."""
+    keys = tuple(keys) if isinstance(keys, (list, tuple)) else ()
+    if len(keys) < 2 or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keys must be a tuple of at least two key names, got {keys!r}")
+
+    def _op(data):
+        data[key_result] = tf.concat([tf.cast(data[k], tf.float32) for k in keys], axis=-1)
+        return data
+    return _op
+
+
+@register_op("squeeze")
+def get_squeeze(key: str, axis: int = -1):
+    """Removes the size-1 axis ``axis`` of ``data[key]`` (a decoded [H, W, 1] label map ->
+    [H, W] for ``onehot``)."""
+    def _op(data):
+        data[key] = tf.squeeze(data[key], axis=axis)
         return data
     return _op
 
@@ -478,8 +615,10 @@ def get_det_scale_jitter(size, min_scale: float = 0.5, max_scale: float = 2.0,
 def get_det_pad(size, max_instances: int):
     """Pads the image (zeros, bottom/right) to ``size`` and the instances to ``max_instances``.
 
-    Adds ``valid`` [max_instances] (True for real instances) and ``image_size`` [2] (the
-    unpadded height, width). Padded instances have zero boxes, masks, labels. An image larger
+    The instances take the padded layout of :mod:`flexvision.layers.instances` (the one
+    ``detection.targets.pad_targets`` produces too): ``valid`` [max_instances] (True for the
+    real instances, in order) and zero boxes, masks, labels after them; also ``image_size``
+    [2] (the unpadded height, width). An image larger
     than ``size`` or with more than ``max_instances`` instances fails (InvalidArgumentError):
     resize/crop first (e.g. det_scale_jitter) or raise the capacity.
     """
@@ -498,9 +637,7 @@ def get_det_pad(size, max_instances: int):
                 message=f"det_pad({(target_h, target_w)}): the image is larger; resize or crop "
                         f"it first"),
             tf.debugging.assert_less_equal(
-                n, max_instances,
-                message=f"det_pad: more instances than max_instances={max_instances}; raise "
-                        f"the capacity"),
+                n, max_instances, message=f"det_pad: {capacity_error(max_instances)}"),
         ]
         with tf.control_dependencies(checks):
             data["image"] = tf.pad(image, [[0, target_h - h], [0, target_w - w], [0, 0]])
@@ -511,6 +648,8 @@ def get_det_pad(size, max_instances: int):
         for k, tail in (("boxes", [[0, 0]]), ("labels", []), ("is_crowd", [])):
             data[k] = tf.pad(data[k], [[0, extra]] + tail)
             data[k].set_shape([max_instances] + data[k].shape[1:].as_list())
+        for k in ("boxes", "labels", "masks"):
+            data[k] = tf.cast(data[k], PADDED_DTYPES[k])
         data["valid"] = tf.range(max_instances) < n
         data["image_size"] = tf.stack([h, w])
         return data

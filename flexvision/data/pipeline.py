@@ -30,6 +30,17 @@ _LOCAL_BUILDERS = {digits.NAME: digits.FlexvisionDigits, "digits": digits.Flexvi
 COCO = "coco"  # input.name for your own COCO-format data, described by input.coco
 
 
+def register_builder(name: str, builder_class) -> None:
+    """Makes ``input.name=name`` build ``builder_class`` (a TFDS builder built locally, without
+    downloads) on first use: for builders whose module sits above this layer, e.g.
+    ``flexvision.detection.bpr_data`` (BPR's boundary patches need detection's geometry), which
+    registers itself when imported. A name already taken by another class is a ValueError."""
+    if _LOCAL_BUILDERS.get(name, builder_class) is not builder_class:
+        raise ValueError(f"dataset name {name!r} is already registered for "
+                         f"{_LOCAL_BUILDERS[name].__name__}")
+    _LOCAL_BUILDERS[name] = builder_class
+
+
 def get_builder(name: str, data_dir: str | None = None, coco=None
                 ) -> tfds.core.DatasetBuilder | image_folder.ImageFolder:
     """The TFDS builder for ``name``; the embedded datasets are built locally on first use.

@@ -8,7 +8,9 @@ everything runs under ``jax.jit`` and shards over a mesh. NHWC feature maps; box
 
 BPR, the boundary patch refinement of instance masks (Tang et al. 2021), is ``bpr.py`` (patch
 proposals with BPR's own mmcv NMS, reassembly, end-to-end ``refine``; host-side NumPy, since
-patch counts are data-dependent) and ``bpr_train.py`` (its training data and recipe);
+patch counts are data-dependent) and ``bpr_data.py`` (its training data: coarse masks from
+degraded ground truth, boundary patches as a TFDS dataset; imports TensorFlow, so it is not
+imported here); the training recipe is configs/bpr_hrnet18s_nuclei.py through the trainer;
 ``boundary.py`` holds Boundary IoU (Cheng et al. 2021).
 """
 

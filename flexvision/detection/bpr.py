@@ -1,7 +1,8 @@
 """BPR: boundary patch refinement of instance masks (host-side geometry).
 
 The evaluation metric for refined boundaries, Boundary IoU, is in ``detection/boundary.py``; the
-training data and recipe of the refinement network in ``detection/bpr_train.py``.
+training data of the refinement network in ``detection/bpr_data.py`` (its recipe:
+configs/bpr_hrnet18s_nuclei.py, trained by ``python -m flexvision.train``).
 
 Tang et al., "Look Closer to Segment Better: Boundary Patch Refinement for Instance
 Segmentation", CVPR 2021 (code: tinyalpha/BPR). A coarse instance mask is refined in three steps:
@@ -398,13 +399,16 @@ def merge_patches(coarse_mask: np.ndarray, boxes: np.ndarray, patch_probs: np.nd
 def resize_patches(image_patches: jax.Array, mask_patches: jax.Array, size: int
                    ) -> tuple[jax.Array, jax.Array]:
     """Patches resized to the network's S x S input as BPR's pipelines do (mmseg ``Resize``):
-    images bilinearly (mmcv.imrescale; BPR works on uint8 images, so its resized pixels are
-    rounded to integers, ours are not), masks with nearest neighbours.
+    images bilinearly (mmcv.imrescale), masks with nearest neighbours. mmcv keeps the image's
+    dtype: uint8 patches (BPR reads uint8 images) come out rounded to integers (cv2's
+    saturate_cast), float patches unrounded.
 
     Args: image_patches (B, P, P, C) in 0..255; mask_patches (B, P, P). Returns (B, S, S, C) and
     (B, S, S) float32.
     """
     images = resize_bilinear(jnp.asarray(image_patches, jnp.float32), (size, size))
+    if jnp.asarray(image_patches).dtype == jnp.uint8:
+        images = jnp.clip(jnp.round(images), 0.0, 255.0)
     masks = resize_nearest(jnp.asarray(mask_patches, jnp.float32)[..., None], (size, size))
     return images, masks[..., 0]
 
@@ -479,7 +483,7 @@ def refine(image: np.ndarray, masks: np.ndarray, variables: Any, *, model: nn.Mo
     probs = np.zeros((padded, patch_size, patch_size), np.float32)
     if total:
         pad = ((0, padded - total),) + ((0, 0),) * 3
-        image_patches = np.pad(image_patches.astype(np.float32), pad)
+        image_patches = np.pad(image_patches, pad)  # uint8 stays uint8: resize_patches rounds
         mask_patches = np.pad(mask_patches, pad[:3])
         for start in range(0, padded, batch_size):
             batch = slice(start, start + batch_size)

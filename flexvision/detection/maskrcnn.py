@@ -33,6 +33,7 @@ from flexvision import registry
 from flexvision.detection.necks import build_neck
 from flexvision.detection.roi_heads import RoIHeads
 from flexvision.detection.rpn import RegionProposalNetwork
+from flexvision.detection.targets import prepare_targets
 from flexvision.layers.flex import to_pair
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
@@ -51,6 +52,13 @@ class MaskRCNN(nn.Module):
     'loss' (L = L_rpn_cls + L_rpn_box + L_cls + L_box + L_mask). Eval returns the RoI heads'
     padded detections {'boxes' (B, D, 4) input pixels, 'scores', 'labels', 'valid', 'masks'
     (B, D, 28, 28) probabilities; paste them with ``masks.paste_masks``}.
+
+    Ground truth in training (host-side checks: ``targets.pad_targets``/``check_labels``):
+    boxes are clipped to their own image and objects left without area are ignored
+    (``targets.prepare_targets``); an image without objects trains as all-background; an empty
+    mask is an all-zero mask target; a label outside 1..num_classes-1 gives NaN RoI losses.
+    A backbone built with ``freeze_bn=True`` (see :func:`build_maskrcnn`) reads its
+    'batch_stats' without writing them: train needs no ``mutable``.
     """
 
     backbone: nn.Module
@@ -58,6 +66,15 @@ class MaskRCNN(nn.Module):
     rpn: RegionProposalNetwork
     roi_heads: RoIHeads
     size_divisibility: int = 32
+
+    @property
+    def flex_kwargs(self) -> tuple[str, ...]:
+        """The backbone's run-time options (model contract), e.g. ('patch_size',) for ViTs."""
+        return tuple(getattr(self.backbone, "flex_kwargs", ()))
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) at which every parameter shape is defined: the backbone's."""
+        return tuple(self.backbone.input_shape())
 
     def divisor(self, patch_size=None) -> int:
         """The multiple the batch is padded to (static)."""
@@ -89,7 +106,7 @@ class MaskRCNN(nn.Module):
             if targets is None:
                 raise ValueError("MaskRCNN(train=True) needs targets={'boxes', 'labels', "
                                  "'valid', 'masks'} (see detection.targets.pad_targets)")
-            targets = dict(targets)
+            targets = prepare_targets(targets, image_sizes)
             if "masks" in targets:
                 m = targets["masks"]
                 targets["masks"] = jnp.pad(m, ((0, 0), (0, 0), (0, padded[0] - m.shape[2]),
@@ -109,19 +126,35 @@ def build_maskrcnn(backbone: str | nn.Module, num_classes: int = 91, *, neck_cha
                    neck_overrides: Mapping[str, Any] | None = None,
                    rpn_overrides: Mapping[str, Any] | None = None,
                    roi_overrides: Mapping[str, Any] | None = None, dtype: Any = None,
-                   size_divisibility: int = 32) -> MaskRCNN:
+                   size_divisibility: int = 32, freeze_bn: bool | None = None) -> MaskRCNN:
     """Mask R-CNN on the registered backbone ``backbone`` (its head removed, num_classes=0), or
     on a backbone module (e.g. the model an importer returned; its head is removed the same way).
 
     ``num_classes`` counts the background (torchvision: 91 for COCO; 2 for one object class).
     Anchor sizes follow the neck's strides (8 x stride, aspect ratios 0.5, 1, 2); the other
-    RPN / RoI-head settings are torchvision's unless overridden."""
+    RPN / RoI-head settings are torchvision's unless overridden.
+
+    ``freeze_bn``: for a backbone with BatchNorm (a family whose modules have a ``freeze_bn``
+    field: HRNet), True (the default: None, unless ``backbone_overrides`` sets it) makes its
+    norms torchvision's FrozenBatchNorm2d (torchvision resnet_fpn_backbone / detectron2
+    FrozenBN: running statistics in training, scale and bias without gradient), so small
+    detection batches never touch the ImageNet statistics; False trains BatchNorm as in
+    classification (mutable 'batch_stats'). True on a backbone without BatchNorm is a
+    ValueError; False there changes nothing."""
     if isinstance(backbone, str):
         body = registry.create_model(backbone, num_classes=0, **dict(backbone_overrides or {}))
     else:
         body = backbone.clone(num_classes=0, **dict(backbone_overrides or {}))
     if dtype is not None:
         body = body.clone(dtype=dtype)
+    has_bn = "freeze_bn" in {f.name for f in dataclasses.fields(body)}
+    if freeze_bn and not has_bn:
+        raise ValueError(f"freeze_bn=True: the {type(body).__name__} backbone has no BatchNorm "
+                         f"to freeze; leave freeze_bn unset (None) or False")
+    if has_bn:
+        if freeze_bn is None:
+            freeze_bn = dict(backbone_overrides or {}).get("freeze_bn", True)
+        body = body.clone(freeze_bn=bool(freeze_bn))
     neck = build_neck(body, neck_channels, dtype=dtype, **dict(neck_overrides or {}))
     strides = [i.stride[0] for i in neck.feature_info()]
     rpn = RegionProposalNetwork(**{"anchor_sizes": tuple((8.0 * s,) for s in strides),

@@ -186,7 +186,11 @@ class RoIHeads(nn.Module):
     Eval returns {'boxes' (B, D, 4), 'scores', 'labels', 'valid', 'masks' (B, D, M, M)
     probabilities of each detection's class} (D = detections_per_img). Training (rng stream
     'sampling'; targets {'boxes', 'labels', 'valid', 'masks' (B, G, H, W)}) returns
-    {'loss_classifier', 'loss_box_reg', 'loss_mask'}.
+    {'loss_classifier', 'loss_box_reg', 'loss_mask'}, and sows each image's sampled positive and
+    negative counts ('intermediates' / 'sampled_per_image', with ``mutable=['intermediates']``).
+    An image without valid gt samples only negatives (box and mask losses get nothing from it);
+    a gt with an empty mask trains towards an all-zero mask (torchvision); a valid label outside
+    1..num_classes-1 makes the three losses NaN.
     """
 
     num_classes: int
@@ -294,6 +298,9 @@ class RoIHeads(nn.Module):
             assigned, pos, neg, targets["boxes"])
         logits, deltas = self.box_branch(features, jax.lax.stop_gradient(samples["boxes"]),
                                          image_shape)
+        self.sow("intermediates", "sampled_per_image",
+                 {"positive": jnp.sum(samples["valid"] & (samples["labels"] > 0), axis=1),
+                  "negative": jnp.sum(samples["valid"] & (samples["labels"] == 0), axis=1)})
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         loss_cls, loss_box = fastrcnn_loss(flat(logits), flat(deltas), flat(samples["labels"]),
                                            flat(samples["regression_targets"]),
@@ -312,5 +319,10 @@ class RoIHeads(nn.Module):
                 jnp.asarray(image_sizes, jnp.int32))
             out["loss_mask"] = maskrcnn_loss(flat(mask_logits), flat(positives["labels"]),
                                              flat(gt), flat(positives["valid"]))
-        return out
+        # No error can be raised under jit: a valid gt label outside 1..K-1 (a category the
+        # detector does not know; targets.check_labels catches it on the host) makes the losses
+        # NaN, explicitly rather than through out-of-range gathers.
+        labels = targets["labels"]
+        unknown = jnp.any(targets["valid"] & ((labels < 1) | (labels >= self.num_classes)))
+        return {k: jnp.where(unknown, jnp.nan, v) for k, v in out.items()}
 

@@ -196,13 +196,17 @@ class RegionProposalNetwork(nn.Module):
         return out
 
     def loss(self, objectness, deltas, anchors, targets, key) -> dict[str, jax.Array]:
-        """RPN losses of flattened predictions (B, A), (B, A, 4) against padded targets."""
+        """RPN losses of flattened predictions (B, A), (B, A, 4) against padded targets; sows
+        each image's sampled anchor counts ('intermediates' / 'sampled_per_image': 'positive',
+        'negative'). An image without valid gt samples only negatives."""
         assigned = jax.vmap(lambda g, v: rpn_targets(anchors, g, v, self.fg_iou_thresh,
                                                      self.bg_iou_thresh))(
             targets["boxes"], targets["valid"])
         keys = jax.random.split(key, objectness.shape[0])
         pos, neg = jax.vmap(lambda k, lab: balanced_sample(
             k, lab, self.batch_size_per_image, self.positive_fraction))(keys, assigned["labels"])
+        self.sow("intermediates", "sampled_per_image", {"positive": jnp.sum(pos, axis=1),
+                                                        "negative": jnp.sum(neg, axis=1)})
         loss_obj, loss_box = rpn_loss(objectness, deltas, jnp.maximum(assigned["labels"], 0.0),
                                       assigned["regression_targets"], pos, neg)
         return {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}

@@ -135,17 +135,23 @@ def format_table(table: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_final(results: dict[str, dict], workdir: str, step: int) -> dict:
+def write_final(results: dict[str, dict], workdir: str, step: int, plot=None) -> dict:
     """Writes workdir/final_eval.json and final_eval.png (accuracy vs patch size); returns the
-    JSON table: the first split's accuracy/loss at top level plus every split under 'splits'."""
+    JSON table: the first split's table at top level plus every split under 'splits'.
+
+    ``plot(first split's table, path, title)`` draws final_eval.png (default
+    :func:`plot_accuracy`; a task with other tables gives its own)."""
     first_split = next(iter(results))
     final = {"step": int(step), "split": first_split, **results[first_split], "splits": results}
     if jax.process_index() != 0:
         return final
     with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
         json.dump(final, f, indent=2)
-    plot_accuracy(results[first_split], os.path.join(workdir, "final_eval.png"),
-                  title=f"{first_split} accuracy after {step} steps")
+    path = os.path.join(workdir, "final_eval.png")
+    if plot is None:
+        plot_accuracy(results[first_split], path, title=f"{first_split} accuracy after {step} steps")
+    else:
+        plot(results[first_split], path, title=f"{first_split} after {step} steps")
     return final
 
 

@@ -68,6 +68,17 @@ def mean_over_heads(loss_fn: LossFn) -> LossFn:
     return loss
 
 
+def mean_over_pixels(loss_fn: LossFn) -> LossFn:
+    """A per-pixel classification loss as a per-example one: ``loss_fn`` on (B, H, W, K) logits
+    and (B, H, W, K) one-hot/soft labels gives (B, H, W); the result is its mean over the pixels,
+    (B,) (mmseg ``CrossEntropyLoss`` with mean reduction over equal-size images). Logits and
+    labels of shape (B, K) pass through unchanged."""
+    def loss(logits, labels):
+        per_pixel = loss_fn(logits, labels)
+        return per_pixel.reshape(per_pixel.shape[0], -1).mean(axis=1)
+    return loss
+
+
 def make_loss(config) -> LossFn:
     """The per-example loss from ``config.loss`` (default softmax_xent) and
     ``config.label_smoothing``."""

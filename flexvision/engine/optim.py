@@ -3,8 +3,12 @@
 Config keys:
   config.lr                      peak learning rate.
   config.schedule.warmup_steps   linear warmup from 0 to ``lr``.
-  config.schedule.decay_type     'cosine' (to ``lr * min_lr_ratio``), 'linear', or 'constant'.
+  config.schedule.decay_type     'cosine' (to ``lr * min_lr_ratio``), 'linear', 'poly', or
+                                 'constant'.
   config.schedule.min_lr_ratio   final lr as a fraction of ``lr`` (default 0).
+  config.schedule.power          'poly' only (default 0.9): mmcv's ``PolyLrUpdaterHook`` by
+                                 iteration, lr_i = (lr - min_lr) (1 - i / T)^power + min_lr over
+                                 the T steps after warmup (BPR's and mmseg's schedule).
   config.optax.name              'adam' (Adam with decoupled weight decay, i.e. AdamW),
                                  'sgd' (momentum), or 'lion'.
   config.optax.kwargs            passed to optax's scale_by_* transform (b1, b2, eps, momentum).
@@ -32,7 +36,8 @@ _SCALERS = {
 
 
 def make_schedule(config) -> optax.Schedule:
-    """Linear warmup to ``config.lr``, then cosine/linear decay or constant, over total_steps."""
+    """Linear warmup to ``config.lr``, then cosine/linear/poly decay or constant, over
+    total_steps."""
     sched = config.get("schedule", {}) or {}
     warmup = int(sched.get("warmup_steps", 0))
     total = int(config.total_steps)
@@ -45,11 +50,16 @@ def make_schedule(config) -> optax.Schedule:
         decay = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=end / config.lr if config.lr else 0.0)
     elif decay_type == "linear":
         decay = optax.linear_schedule(config.lr, end, decay_steps)
+    elif decay_type == "poly":
+        power = float(sched.get("power", 0.9))
+        if not power > 0:
+            raise ValueError(f"schedule.power must be positive, got {power!r}")
+        decay = optax.polynomial_schedule(config.lr, end, power, decay_steps)
     elif decay_type == "constant":
         decay = optax.constant_schedule(config.lr)
     else:
-        raise ValueError(f"schedule.decay_type must be 'cosine', 'linear' or 'constant', "
-                         f"got {decay_type!r}")
+        raise ValueError(f"schedule.decay_type must be 'cosine', 'linear', 'poly' or "
+                         f"'constant', got {decay_type!r}")
     if not warmup:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], [warmup])

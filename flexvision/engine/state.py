@@ -27,9 +27,24 @@ from flexvision.engine.sharding import unbox
 
 
 def build_model(config) -> nn.Module:
-    """``flexvision.create_model(config.model.name, **config.model.kwargs)``."""
+    """``flexvision.create_model(config.model.name, **config.model.kwargs)``, or for a detector
+    name (``flexvision.detection.maskrcnn.list_detectors()``)
+    ``create_detector(config.model.name, **config.model.kwargs)``."""
+    from flexvision.detection import maskrcnn
+
     kwargs = dict(config.model.get("kwargs", {}) or {})
+    if config.model.name in maskrcnn.list_detectors():
+        return maskrcnn.create_detector(config.model.name, **_plain(kwargs))
     return flexvision.create_model(config.model.name, **kwargs)
+
+
+def _plain(value):
+    """ConfigDicts (nested in model.kwargs, e.g. rpn_overrides) as plain dicts."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def make_init_fn(model: nn.Module, tx, image_shape: tuple[int, ...], seed: int) -> Callable:

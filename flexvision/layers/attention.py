@@ -202,12 +202,21 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     form (ViT-S/16 attention at batch 32: 67 ms vs 29 ms per block, measured interleaved with
     flexvision.benchmark.time_interleaved). On GPU :func:`dot_product_attention` uses cuDNN where
     it can and jax.nn's own XLA path otherwise (that one not measured against this form there).
+
+    In float32 the scale multiplies q before the first contraction (as timm's explicit path
+    does), which XLA fuses into q's layout copy; scaling the logits instead made XLA's CPU backend
+    materialise a (B, heads, T, T) broadcast of the scale as an operand of its attention fusion
+    (30 MB per ViT-S block at batch 32). Lower-precision q is not rounded again: its float32
+    logits are scaled.
     """
     head_dim = q.shape[-1]
     scale = 1.0 / float(np.sqrt(head_dim)) if scale is None else scale
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    if q.dtype == logits_dtype:  # scale q (T x head_dim values), not the T x T logits
+        q = q * jnp.asarray(scale, q.dtype)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=logits_dtype)
-    logits = logits * jnp.asarray(scale, logits_dtype)
+    if q.dtype != logits_dtype:  # low-precision q: scale the float32 logits instead
+        logits = logits * jnp.asarray(scale, logits_dtype)
     if bias is not None:
         logits = (logits + bias).astype(logits_dtype)
     if mask is not None:

@@ -92,12 +92,19 @@ class BatchNorm(nn.Module):
     channel (torch/nn/modules/batchnorm.py; Flax's ``nn.BatchNorm`` would use the biased one).
     ``momentum`` is Flax's decay: PyTorch's ``momentum=0.1`` is ``0.9`` here. Statistics are
     computed in float32 whatever ``dtype``.
+
+    ``frozen=True`` is torchvision's ``FrozenBatchNorm2d`` (ops/misc.py), the norm layer of its
+    and detectron2's detection backbones: always the running statistics (``use_running_average``
+    is ignored, so ``batch_stats`` is read, never written, and need not be mutable), and no
+    gradient reaches ``scale``/``bias``/statistics (``stop_gradient``). Their optimizer updates
+    are then zero (Adam, SGD, Lion; flexvision.engine.optim decays only ndim >= 2 parameters).
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     axes: tuple[str | None, ...] = ("norm",)
     dtype: jax.typing.DTypeLike | None = None
+    frozen: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -109,7 +116,11 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         values = x.astype(jnp.float32)
-        if use_running_average:
+        if self.frozen:
+            scale, bias = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(bias)
+            mean = jax.lax.stop_gradient(running_mean.value)
+            var = jax.lax.stop_gradient(running_var.value)
+        elif use_running_average:
             mean, var = running_mean.value, running_var.value
         else:
             reduce_axes = tuple(range(x.ndim - 1))
@@ -126,8 +137,9 @@ class BatchNorm(nn.Module):
 
 
 def batch_norm(*, momentum: float = 0.9, epsilon: float = 1e-5,
-               axes: Sequence[str | None] = ("norm",), dtype=None, name: str | None = None,
-               ) -> BatchNorm:
+               axes: Sequence[str | None] = ("norm",), dtype=None, frozen: bool = False,
+               name: str | None = None) -> BatchNorm:
     """:class:`BatchNorm` with logically named scale and bias (``axes``); call it with
     ``use_running_average=not train``."""
-    return BatchNorm(momentum=momentum, epsilon=epsilon, axes=tuple(axes), dtype=dtype, name=name)
+    return BatchNorm(momentum=momentum, epsilon=epsilon, axes=tuple(axes), dtype=dtype,
+                     frozen=frozen, name=name)

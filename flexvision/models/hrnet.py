@@ -32,6 +32,11 @@ BatchNorm: ``train=True`` normalizes with batch statistics and updates the runni
 the 'batch_stats' collection must be mutable::
 
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+``freeze_bn=True`` makes every BatchNorm torchvision's ``FrozenBatchNorm2d`` (running statistics
+in training too, no gradient to scale/bias; ``layers.common.BatchNorm(frozen=True)``), as
+detection backbones use it; Mask R-CNN on HRNet sets it by default
+(``flexvision.detection.maskrcnn.build_maskrcnn``).
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ def _conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool = Fals
 
 def _norm(module: nn.Module, name: str) -> common.BatchNorm:
     return common.batch_norm(momentum=module.bn_momentum, epsilon=BN_EPSILON, axes=("conv_out",),
-                             dtype=module.dtype, name=name)
+                             dtype=module.dtype, frozen=module.freeze_bn, name=name)
 
 
 class ConvNormAct(nn.Module):
@@ -134,6 +139,7 @@ class ConvNormAct(nn.Module):
     use_bias: bool = False
     act: bool = True
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
 
     @nn.compact
@@ -150,13 +156,14 @@ class ConvChain(nn.Module):
 
     steps: tuple[tuple[int, int, bool], ...]
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for k, (features, strides, act) in enumerate(self.steps):
             x = ConvNormAct(features, 3, strides, act=act, bn_momentum=self.bn_momentum,
-                            dtype=self.dtype, name=f"step_{k}")(x, train)
+                            freeze_bn=self.freeze_bn, dtype=self.dtype, name=f"step_{k}")(x, train)
         return x
 
 
@@ -166,6 +173,7 @@ class BasicBlock(nn.Module):
     planes: int
     strides: int = 1
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     expansion = 1
 
@@ -185,6 +193,7 @@ class Bottleneck(nn.Module):
     planes: int
     strides: int = 1
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     expansion = BOTTLENECK_EXPANSION
 
@@ -207,7 +216,7 @@ def _projection_if_needed(block: nn.Module, x: jax.Array, train: bool) -> jax.Ar
     if block.strides == 1 and x.shape[-1] == out_features:
         return x
     return ConvNormAct(out_features, 1, block.strides, act=False, bn_momentum=block.bn_momentum,
-                       dtype=block.dtype, name="downsample")(x, train)
+                       freeze_bn=block.freeze_bn, dtype=block.dtype, name="downsample")(x, train)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -225,13 +234,14 @@ class ExchangeUnit(nn.Module):
 
     spec: StageSpec
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     fuse_mode: str = "nearest"
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:
         block_cls = _BLOCKS[self.spec.block]
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, freeze_bn=self.freeze_bn, dtype=self.dtype)
         xs = list(xs)
         for b, (depth, planes) in enumerate(zip(self.spec.num_blocks, self.spec.num_channels)):
             for k in range(depth):
@@ -269,6 +279,7 @@ class HRNetBackbone(nn.Module):
     stages: tuple[StageSpec, ...]
     stem_width: int = 64
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     fuse_mode: str = "nearest"
 
@@ -279,7 +290,7 @@ class HRNetBackbone(nn.Module):
                              f"{self.stages}")
         if self.fuse_mode not in FUSE_MODES:
             raise ValueError(f"fuse_mode must be one of {FUSE_MODES}, got {self.fuse_mode!r}")
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, freeze_bn=self.freeze_bn, dtype=self.dtype)
         x = _conv(self.stem_width, 3, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_norm(self, "bn1")(x, use_running_average=not train))
         x = _conv(STEM_CHANNELS, 3, 2, dtype=self.dtype, name="conv2")(x)
@@ -301,7 +312,7 @@ class HRNetBackbone(nn.Module):
                     train: bool) -> list[jax.Array]:
         """Existing branches keep their input (a 3x3 conv if the width changes); each new branch
         comes from the lowest-resolution one by stride-2 3x3 convs (paper Sec. 3)."""
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, freeze_bn=self.freeze_bn, dtype=self.dtype)
         out = []
         for i, width in enumerate(widths):
             if i < len(xs):
@@ -343,6 +354,7 @@ class HRNet(Backbone):
     head_conv_bias: bool = True
     drop_rate: float = 0.0
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     fuse_mode: str = "nearest"
 
@@ -360,7 +372,7 @@ class HRNet(Backbone):
     @nn.compact
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
         self._check_inputs(images)
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, freeze_bn=self.freeze_bn, dtype=self.dtype)
         stem, branches = HRNetBackbone(self.stages, self.stem_width, **kw,
                                        fuse_mode=self.fuse_mode, name="backbone")(images, train)
         outputs = collections.OrderedDict(
@@ -403,6 +415,7 @@ class HRNetV2Head(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     dtype: Any = None
     conv_bias: bool = True
+    freeze_bn: bool = False
 
     @nn.compact
     def __call__(self, branches: Sequence[jax.Array], train: bool = False,
@@ -410,7 +423,7 @@ class HRNetV2Head(nn.Module):
         size = branches[0].shape[1:3]
         y = jnp.concatenate([resize_bilinear(b, size) for b in branches], axis=-1)
         y = ConvNormAct(y.shape[-1], 1, use_bias=self.conv_bias, bn_momentum=self.bn_momentum,
-                        dtype=self.dtype, name="last_layer")(y, train)
+                        freeze_bn=self.freeze_bn, dtype=self.dtype, name="last_layer")(y, train)
         representation = nn.with_logical_constraint(y, ("batch", None, None, "embed"))
         if self.num_classes == 0:  # no classifier: the representation is the output
             return representation, representation
@@ -446,6 +459,7 @@ class HRNetSegmentation(Backbone):
     stem_width: int = 64
     drop_rate: float = 0.0
     bn_momentum: float = BN_MOMENTUM
+    freeze_bn: bool = False
     dtype: Any = None
     fuse_mode: str = "nearest"
     head_conv_bias: bool = True
@@ -466,10 +480,11 @@ class HRNetSegmentation(Backbone):
     def _forward(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
         self._check_inputs(images)
         stem, branches = HRNetBackbone(self.stages, self.stem_width, bn_momentum=self.bn_momentum,
-                                       dtype=self.dtype, fuse_mode=self.fuse_mode,
-                                       name="backbone")(images, train)
+                                       freeze_bn=self.freeze_bn, dtype=self.dtype,
+                                       fuse_mode=self.fuse_mode, name="backbone")(images, train)
         representation, logits = HRNetV2Head(self.num_classes, self.drop_rate, self.bn_momentum,
-                                             self.dtype, conv_bias=self.head_conv_bias,
+                                             freeze_bn=self.freeze_bn, dtype=self.dtype,
+                                             conv_bias=self.head_conv_bias,
                                              name="head")(branches, train)
         if self.upsample_logits:
             logits = resize_bilinear(logits, images.shape[1:3])

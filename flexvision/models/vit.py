@@ -66,9 +66,11 @@ class EncoderBlock(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Any = None
+    scan_output: bool = False  # return (x, x or None) as the body of nn.scan (VisionTransformer)
+    collect: bool = False  # with scan_output: also return x as the per-layer output
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False):
         y = layer_norm(self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
         y = MultiHeadSelfAttention(self.num_heads, qkv_bias=self.qkv_bias,
                                    proj_dropout=self.dropout, dtype=self.dtype, name="attn")(
@@ -78,7 +80,10 @@ class EncoderBlock(nn.Module):
         y = Mlp(self.mlp_dim, activation=gelu_tanh if self.gelu_approximate else gelu_exact,
                 dropout=self.dropout, dtype=self.dtype, name="mlp")(y, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
-        return nn.with_logical_constraint(x, _TOKEN_AXES)
+        x = nn.with_logical_constraint(x, _TOKEN_AXES)
+        if self.scan_output:
+            return x, (x if self.collect else None)
+        return x
 
 
 class MAPHead(nn.Module):
@@ -158,6 +163,16 @@ class VisionTransformer(Backbone):
         'avgmax') instead of to every token before pooling (big_vision, timm 'token'/'map').
       gelu_approximate: tanh GELU (big_vision) instead of the exact erf GELU (timm).
       distilled_training: with dist_token, ``train=True`` returns (cls_logits, dist_logits).
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (``nn.remat`` per block; big_vision/scenic's option): less memory, more compute. Same
+        parameters, same outputs.
+      scan_layers: run the blocks as one ``nn.scan`` over depth (big_vision's ``scan``): XLA
+        compiles one block instead of ``depth``, so compile time stops growing with depth (it
+        matters with one executable per patch size). The parameters change layout: one
+        'blocks' entry whose leaves are stacked over depth (leading axis, logical name
+        'layers') instead of 'blocks_0' .. 'blocks_{depth-1}'; :func:`stack_blocks` and
+        :func:`unstack_blocks` convert a tree (e.g. an imported checkpoint) between the two.
+        Needs ``drop_path_rate=0`` (the per-block rates differ, a scanned body is one block).
     """
 
     flex_kwargs = ("patch_size",)
@@ -188,6 +203,8 @@ class VisionTransformer(Backbone):
     head_zeroinit: bool = False
     distilled_training: bool = True
     dtype: Any = None
+    remat: bool = False
+    scan_layers: bool = False
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -233,6 +250,10 @@ class VisionTransformer(Backbone):
                              f"num_heads={self.num_heads}")
         if self.num_reg_tokens < 0:
             raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
+        if self.scan_layers and self.drop_path_rate:
+            raise ValueError(f"scan_layers=True runs one block body for every layer, so it cannot "
+                             f"take the per-block stochastic-depth rates of drop_path_rate="
+                             f"{self.drop_path_rate}; set drop_path_rate=0 or scan_layers=False")
 
     def _embed(self, images: jax.Array, patch_size, train: bool) -> tuple[jax.Array, jax.Array]:
         """Patch map (B, h, w, D) and the token sequence with prefix tokens and posembs added."""
@@ -273,15 +294,27 @@ class VisionTransformer(Backbone):
         return patch_map, nn.with_logical_constraint(tokens, _TOKEN_AXES)
 
     def _encode(self, tokens: jax.Array, train: bool, out: dict | None = None) -> jax.Array:
-        rates = drop_path_rates(self.drop_path_rate, self.depth)
-        for index in range(self.depth):
-            tokens = EncoderBlock(self.num_heads, self.hidden_dim,
-                                  qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
-                                  gelu_approximate=self.gelu_approximate, dropout=self.drop_rate,
-                                  drop_path=rates[index], dtype=self.dtype,
-                                  name=f"blocks_{index}")(tokens, train=train)
-            if out is not None:
-                out[f"block{index}"] = tokens
+        # train is positional and static (argument 2, counting the module) for nn.remat/scan
+        block = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
+        settings = dict(qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
+                        gelu_approximate=self.gelu_approximate, dropout=self.drop_rate,
+                        dtype=self.dtype)
+        if self.scan_layers:
+            blocks = nn.scan(block, variable_axes={"params": 0}, in_axes=nn.broadcast,
+                             split_rngs={"params": True, "dropout": True}, length=self.depth,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            tokens, per_layer = blocks(self.num_heads, self.hidden_dim, **settings,
+                                       scan_output=True, collect=out is not None,
+                                       name="blocks")(tokens, train)
+            for index in range(self.depth if out is not None else 0):
+                out[f"block{index}"] = per_layer[index]
+        else:
+            rates = drop_path_rates(self.drop_path_rate, self.depth)
+            for index in range(self.depth):
+                tokens = block(self.num_heads, self.hidden_dim, **settings,
+                               drop_path=rates[index], name=f"blocks_{index}")(tokens, train)
+                if out is not None:
+                    out[f"block{index}"] = tokens
         if not self.fc_norm:
             tokens = layer_norm(self.layer_norm_eps, dtype=self.dtype, name="norm")(tokens)
         return tokens
@@ -317,9 +350,11 @@ class VisionTransformer(Backbone):
         return pooled
 
     def _head(self, pre_logits: jax.Array, name: str) -> jax.Array:
+        """The classifier, always in float32 (logits and the loss's softmax stay float32 under
+        bf16 compute; it is (B, D) x (D, classes), a negligible share of the FLOPs)."""
         init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.xavier_uniform()
         return dense(self.num_classes, axes=("embed", "classes"), kernel_init=init,
-                     dtype=self.dtype, name=name)(pre_logits)
+                     dtype=jnp.float32, name=name)(pre_logits)
 
     @nn.compact
     def _forward(self, images: jax.Array, patch_size, train: bool, with_head: bool
@@ -327,7 +362,7 @@ class VisionTransformer(Backbone):
         """The one compact method: features, and with ``with_head`` the 'logits' entry."""
         patch_map, tokens = self._embed(images, patch_size, train)
         blocks: dict[str, jax.Array] = {}
-        encoded = self._encode(tokens, train, blocks)
+        encoded = self._encode(tokens, train, None if with_head else blocks)
         batch, grid_h, grid_w, _ = patch_map.shape
 
         def as_map(sequence: jax.Array) -> jax.Array:  # patch tokens -> (B, h, w, D)
@@ -369,6 +404,32 @@ class VisionTransformer(Backbone):
         the stored kernel. DeiT in training returns (cls_logits, dist_logits), see module doc.
         """
         return self._forward(images, patch_size, train, with_head=True)["logits"]
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+    """ViT ``params`` with 'blocks_0' .. 'blocks_{depth-1}' (the default layout, what the
+    importers produce) -> the ``scan_layers=True`` layout: one 'blocks' entry whose every leaf
+    is the per-block leaves stacked on a new leading axis. Other entries are kept. KeyError
+    naming the missing block if ``params`` has fewer than ``depth`` blocks."""
+    missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
+    if missing:
+        raise KeyError(f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                       f"(stack_blocks expects blocks_0 .. blocks_{depth - 1})")
+    out = {k: v for k, v in params.items() if not re.fullmatch(r"blocks_\d+", k)}
+    out["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                 *[params[f"blocks_{i}"] for i in range(depth)])
+    return out
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The inverse of :func:`stack_blocks`: a ``scan_layers=True`` tree ('blocks' stacked over
+    depth) -> 'blocks_0' .. 'blocks_{depth-1}'."""
+    stacked = params["blocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for index in range(depth):
+        out[f"blocks_{index}"] = jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ The loop (:func:`flexvision.train.trainer.train_and_evaluate`) is the same for e
 the targets (distillation's teacher), how freshly initialised parameters are rewritten, the
 evaluator, and what is printed after the final eval. :func:`classification` is the plain
 objective; :func:`flexvision.train.distill.distillation` the distillation one. The entry point
-picks one from the config (:func:`flexvision.train.trainer.objective_for`).
+picks one from the config (:func:`flexvision.train.trainer.objective_for`); a
+``config.task = "detection"`` run gets :func:`flexvision.train.detection.detection_objective`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from flexvision.engine import losses
+from flexvision.engine import evaluation, losses
 from flexvision.engine.evaluation import Evaluator
 
 
@@ -31,6 +32,20 @@ class Objective:
     params_init_fn  ``(params, image_shape) -> params`` applied to freshly initialised params
                     (not on resume); ``image_shape`` is one training example's (H, W, C).
     report          ``(final table) -> None``, called on process 0 after the final eval.
+
+    Optional fields for tasks whose loss or tables are not classification's (defaults keep
+    classification exactly as it is):
+
+    batch_loss      ``engine.step.BatchLoss``: ``(model, variables, batch, rngs, patch_size)
+                    -> (loss, metrics, updates)`` computing the whole training loss from the
+                    batch (``loss_fn`` is then None); its metrics are logged as train/<name>.
+    batch_fn        ``(host batch of NumPy arrays) -> batch``: applied to every training batch
+                    before it is placed on the mesh (select/convert the keys the loss reads).
+    flat_metrics    ``({split: table}) -> {name: scalar}`` for metrics.jsonl and TensorBoard.
+    format_table    ``(table, title) -> str``: the printed table of one split.
+    write_final     ``(results, workdir, step) -> final``: writes final_eval.json (and the
+                    task's other final files) and returns its dict.
+    headline        what the printed final table shows ("Final test <headline> ...").
     """
 
     name: str
@@ -40,6 +55,12 @@ class Objective:
     frozen: Any = None
     params_init_fn: Callable[[Any, tuple[int, ...]], Any] | None = None
     report: Callable[[dict], None] | None = None
+    batch_loss: Callable | None = None
+    batch_fn: Callable[[dict], dict] | None = None
+    flat_metrics: Callable[[dict], dict] = evaluation.flat_metrics
+    format_table: Callable[..., str] = evaluation.format_table
+    write_final: Callable[[dict, str, int], dict] = evaluation.write_final
+    headline: str = "accuracy"
 
 
 def classification(config, model, mesh) -> Objective:

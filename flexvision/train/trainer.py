@@ -1,7 +1,8 @@
 """The training loop: ``train_and_evaluate(config, workdir)`` (see configs/*.py for the keys).
 
-Flow: mesh -> model -> objective (classification, or distillation for a ``config.distill``
-block: :func:`objective_for`) -> optimizer -> train state created already sharded (eval_shape ->
+Flow: mesh -> model -> objective (classification, distillation for a ``config.distill``
+block, Mask R-CNN for ``config.task = "detection"``: :func:`objective_for`) -> optimizer ->
+train state created already sharded (eval_shape ->
 ``sharding.tree_shardings`` -> jit(init, out_shardings)) -> restore the latest checkpoint in
 workdir/checkpoints -> input pipeline from that step -> loop (patch size of the step from
 (seed, step); one jitted step per patch size, cached in memory and in the persistent
@@ -30,15 +31,15 @@ from flexvision.engine import optim, patch_schedule, sharding
 from flexvision.engine import workdir as workdir_lib
 from flexvision.engine.cache import enable_compilation_cache
 from flexvision.engine.checkpoint import Checkpointer
-from flexvision.engine.evaluation import flat_metrics, format_table, write_final
 from flexvision.engine.state import (abstract_train_state, build_model, create_train_state,
                                      eval_variables)
 from flexvision.engine.step import accepts_patch_size, make_train_step
-from flexvision.train import distill, objective, validate
+from flexvision.train import detection, distill, objective, segmentation, validate
 from flexvision.train.metrics import MetricWriter, Progress
 from flexvision.train.objective import Objective
 
 ObjectiveFn = Callable[[Any, Any, Any], Objective]
+_STEP_METRICS = ("loss", "grad_norm", "param_norm", "finite")  # logged by name in the loop
 
 
 class Preempted(Exception):
@@ -52,10 +53,25 @@ class Preempted(Exception):
 
 def objective_for(config, model, mesh) -> Objective:
     """The objective the config asks for: distillation when it has a ``config.distill`` block,
-    else classification."""
+    Mask R-CNN training for ``config.task = "detection"``, per-pixel segmentation (BPR's
+    refiner) for ``"segmentation"``, else classification."""
+    task = config.get("task") or "classification"
     if config.get("distill") is not None:
+        if task != "classification":
+            raise ValueError(f"config.distill is set with config.task={task!r}: distillation "
+                             f"trains classifiers only; remove config.distill")
         return distill.distillation(config, model, mesh)
+    if task == "detection":
+        return detection.detection_objective(config, model, mesh)
+    if task == "segmentation":
+        return segmentation.segmentation_objective(config, model, mesh)
     return objective.classification(config, model, mesh)
+
+
+def _task_batches(dataset, task: Objective):
+    """NumPy training batches of ``dataset``, through the task's ``batch_fn`` if it has one."""
+    batches = dataset.as_numpy_iterator()
+    return batches if task.batch_fn is None else map(task.batch_fn, batches)
 
 
 class _SigtermFlag:
@@ -97,7 +113,8 @@ def train_and_evaluate(config, workdir: str, *, objective_fn: ObjectiveFn | None
     saving on SIGTERM and FloatingPointError on a non-finite loss.
 
     ``objective_fn(config, model, mesh) -> Objective`` chooses the task (default
-    :func:`objective_for`: distillation for a ``config.distill`` block, else classification).
+    :func:`objective_for`: distillation for a ``config.distill`` block, detection for
+    ``config.task = "detection"``, else classification).
     A config with ``config.distill`` trained with an objective that is not a distillation one
     is a ValueError, never a run that silently skips the teacher.
 
@@ -137,7 +154,7 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=int(config.get("keep_checkpoints", 3)))
     start_step = checkpointer.latest_step() or 0
-    batches = iter(pipeline.train_dataset(config.input, seed, start_step).as_numpy_iterator())
+    batches = _task_batches(pipeline.train_dataset(config.input, seed, start_step), task)
     first_batch = next(batches)
     image_shape = first_batch["image"].shape[1:]
 
@@ -149,8 +166,8 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
                                             allow_change=allow_config_change)
         if restored_step != start_step:  # fell back past a corrupt checkpoint
             start_step = restored_step
-            batches = iter(pipeline.train_dataset(config.input, seed, start_step)
-                           .as_numpy_iterator())
+            batches = _task_batches(pipeline.train_dataset(config.input, seed, start_step),
+                                    task)
             first_batch = next(batches)
         if int(meta.get("data_position", start_step)) != start_step:
             raise ValueError(f"checkpoint {start_step} records data position "
@@ -169,7 +186,7 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
         if patch_size not in step_fns:
             fn = make_train_step(model, tx, task.loss_fn, seed=seed, patch_size=patch_size,
                                  mixup_alpha=float(config.get("mixup_alpha", 0.0) or 0.0),
-                                 targets_fn=task.targets_fn)
+                                 targets_fn=task.targets_fn, batch_loss=task.batch_loss)
             step_fns[patch_size] = jax.jit(
                 fn, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
         return step_fns[patch_size]
@@ -219,13 +236,15 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
                                     "train/grad_norm": values["grad_norm"],
                                     "train/param_norm": values["param_norm"],
                                     "train/lr": float(schedule(step - 1)),
-                                    "train/images_per_second": rate})
+                                    "train/images_per_second": rate,
+                                    **{f"train/{k}": v for k, v in values.items()
+                                       if k not in _STEP_METRICS}})
             if eval_every and step % eval_every == 0 and step < total_steps:
                 ensure_finite(step)
                 results = evaluator.run(eval_variables(state))
-                writer.write(step, flat_metrics(results))
+                writer.write(step, task.flat_metrics(results))
                 split = next(iter(results))
-                progress.write(format_table(results[split], f"[step {step}] {split}"))
+                progress.write(task.format_table(results[split], f"[step {step}] {split}"))
                 progress.reset_clock(step)
             if sigterm.raised:
                 save(step)
@@ -241,14 +260,14 @@ def _train_on_mesh(config, workdir: str, mesh, model, task: Objective,
     checkpointer.wait()
 
     results = evaluator.run(eval_variables(state))
-    writer.write(step, flat_metrics(results))
+    writer.write(step, task.flat_metrics(results))
     writer.close()
     checkpointer.close()
-    final = write_final(results, workdir, step)
+    final = task.write_final(results, workdir, step)
     if jax.process_index() == 0:
-        print(format_table(results[final["split"]],
-                           f"Final {final['split']} accuracy ({config.model.name}, step {step}):"),
-              flush=True)
+        print(task.format_table(results[final["split"]],
+                                f"Final {final['split']} {task.headline} ({config.model.name}, "
+                                f"step {step}):"), flush=True)
         if task.report is not None:
             task.report(final)
     return final
