@@ -37,17 +37,23 @@ def _shared_dir(tmp_path_factory, name: str):
     return root / name, FileLock(str(root / f"{name}.lock"))
 
 
+def _prepared_once(tmp_path_factory, name: str, prepare) -> str:
+    """The shared directory ``name`` after ``prepare(path)`` ran in it once per session (a
+    TFDS dataset built locally): the first worker builds it under the lock, the others reuse it."""
+    path, lock = _shared_dir(tmp_path_factory, name)
+    with lock:
+        if not (path / "ready").exists():
+            prepare(str(path))
+            (path / "ready").write_text("")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:
     """The embedded digits dataset prepared once (TFDS format) for every trainer test."""
     from flexvision.data import digits
 
-    path, lock = _shared_dir(tmp_path_factory, "tfds_digits")
-    with lock:
-        if not (path / "ready").exists():
-            digits.prepare(str(path))
-            (path / "ready").write_text("")
-    return str(path)
+    return _prepared_once(tmp_path_factory, "tfds_digits", digits.prepare)
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +116,7 @@ def bpr_patches_data_dir(tmp_path_factory) -> str:
     """The ``flexvision_bpr_patches`` dataset (detection/bpr_data.py, config nuclei) built once."""
     from flexvision.detection import bpr_data
 
-    path, lock = _shared_dir(tmp_path_factory, "tfds_bpr_patches")
-    with lock:
-        if not (path / "ready").exists():
-            bpr_data.prepare(str(path))
-            (path / "ready").write_text("")
-    return str(path)
+    return _prepared_once(tmp_path_factory, "tfds_bpr_patches", bpr_data.prepare)
 
 
 @pytest.fixture(scope="session")
@@ -123,12 +124,7 @@ def nuclei_data_dir(tmp_path_factory) -> str:
     """The nuclei instance dataset (flexvision/data/instances.py) prepared once (TFDS)."""
     from flexvision.data import instances
 
-    path, lock = _shared_dir(tmp_path_factory, "tfds_nuclei")
-    with lock:
-        if not (path / "ready").exists():
-            instances.prepare(str(path))
-            (path / "ready").write_text("")
-    return str(path)
+    return _prepared_once(tmp_path_factory, "tfds_nuclei", instances.prepare)
 
 
 @pytest.fixture(scope="session")
