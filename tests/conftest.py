@@ -235,39 +235,11 @@ def detection_run(tiny_detection_config, tmp_path_factory):
 # Tests of one module share per-process state: module- and session-scoped fixtures, lru_caches,
 # compiled functions, trained runs. xdist's default ``--dist load`` spreads a module's tests over
 # the workers, and each worker then builds that state again (an 8-device subprocess run, a
-# trained workdir, a compiled model). This scheduler sends each module to one worker as one unit,
-# except:
-# - _PER_FAMILY modules, whose costly state is cached per backbone family (one compiled program
-#   per family): one unit per family, the family being the last part of the test's parameter id;
-# - _INDEPENDENT_TESTS modules, whose tests share nothing costly: one unit per test.
-# Units start costliest first (the unit's position in _COSTLIEST_FIRST, measured with
-# --durations on 2 cores; then the number of tests), so that no long unit starts last while the
-# other worker idles. (xdist's ``loadgroup`` would group with marks, but does not work with
-# pytest 9.)
+# trained workdir, a compiled model). This scheduler sends each module to one worker, the
+# modules with the most tests first (xdist's ``loadscope``), except the modules below, whose
+# tests share nothing costly: their tests are spread one by one, last, and even out the end of
+# the run. (xdist's ``loadgroup`` would do this with marks, but does not work with pytest 9.)
 _INDEPENDENT_TESTS = {"test_benchmark.py", "test_colabs.py"}
-_PER_FAMILY = {"test_maskrcnn.py", "test_contract.py"}
-_COSTLIEST_FIRST = ("test_maskrcnn.py", "test_contract.py", "test_flops.py", "test_bpr_train.py",
-                    "test_distill.py", "test_faults.py", "test_train.py", "test_experiments.py",
-                    "test_bpr_net.py", "test_detection_trainer.py", "test_multihost_trainer.py",
-                    "test_sharding_mesh.py", "test_multihost.py")
-
-
-def _unit_of(nodeid: str) -> str:
-    """The scheduling unit of a test id (see above)."""
-    module = nodeid.split("::", 1)[0]
-    name = os.path.basename(module)
-    if name in _INDEPENDENT_TESTS:
-        return nodeid
-    if name in _PER_FAMILY and nodeid.endswith("]"):
-        return f"{module}[{nodeid[nodeid.rindex('[') + 1:-1].rsplit('-', 1)[-1]}]"
-    return module
-
-
-def _unit_rank(unit: str, tests: int) -> tuple[int, int]:
-    """Sort key: listed modules in their order, then the rest by number of tests."""
-    name = os.path.basename(unit.split("::", 1)[0].split("[", 1)[0])
-    rank = _COSTLIEST_FIRST.index(name) if name in _COSTLIEST_FIRST else len(_COSTLIEST_FIRST)
-    return rank, -tests
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -276,18 +248,8 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):
-        _ordered = False
-
         def _split_scope(self, nodeid):
-            return _unit_of(nodeid)
-
-        def _assign_work_unit(self, node):
-            if not self._ordered:  # the queue is complete when the first unit is handed out
-                units = sorted(self.workqueue.items(),
-                               key=lambda item: _unit_rank(item[0], len(item[1])))
-                self.workqueue.clear()
-                self.workqueue.update(units)
-                self._ordered = True
-            super()._assign_work_unit(node)
+            module = nodeid.split("::", 1)[0]
+            return nodeid if os.path.basename(module) in _INDEPENDENT_TESTS else module
 
     return ModuleScheduling(config, log)
