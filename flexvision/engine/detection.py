@@ -40,7 +40,7 @@ import numpy as np
 from flexvision.data import coco, pipeline
 from flexvision.detection.masks import paste_masks
 from flexvision.detection.maskrcnn import LOSS_KEYS
-from flexvision.engine import sharding
+from flexvision.engine import evaluation, sharding
 from flexvision.engine.step import apply_train, model_kwargs
 
 METRICS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -251,13 +251,6 @@ class DetectionEvaluator:
         return {split: self.evaluate_split(variables, split) for split in self.splits}
 
 
-def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Scalars for logging, e.g. ``test/mask_AP50/ps16``."""
-    return {f"{split}/{metric}/ps{ps}": value for split, table in results.items()
-            for metric, by_ps in table.items() for ps, value in by_ps.items()
-            if value is not None}
-
-
 def format_table(table: dict, title: str = "") -> str:
     """A detection table as aligned text: one row per patch size, AP columns in %, images/s."""
     header = ["patch size", *(m.replace("_", " ") for m in METRICS), "images/s"]
@@ -265,10 +258,7 @@ def format_table(table: dict, title: str = "") -> str:
     for ps in table[METRICS[0]]:
         rows.append([ps, *(f"{100 * table[m][ps]:.1f}" for m in METRICS),
                      f"{table[SPEED][ps]:.2f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [title] if title else []
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return evaluation.aligned_text(rows, title)
 
 
 def plot_ap_and_speed(table: dict, path: str, title: str = "") -> bool:

@@ -129,10 +129,25 @@ def format_table(table: dict, title: str = "") -> str:
         losses = [by_res[r]["loss"][ps] for r in resolutions]
         rows.append([ps] + ["-" if a is None else f"{100 * a:.2f}%" for a in accs]
                     + ["-" if l is None else f"{l:.4f}" for l in losses])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return aligned_text(rows, title)
+
+
+def aligned_text(rows: list, title: str = "") -> str:
+    """Rows of str cells as right-aligned columns two spaces apart, under ``title`` if given:
+    the printed tables of every task (classification, detection, segmentation)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [title] if title else []
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def flat_by_patch_size(results: dict[str, dict]) -> dict[str, float]:
+    """Scalars for logging of tables shaped ``{metric: {patch size: value}}`` (detection,
+    segmentation), e.g. ``test/mask_AP50/ps16``; entries that are not such dicts and None values
+    are left out."""
+    return {f"{split}/{metric}/ps{ps}": value for split, table in results.items()
+            for metric, by_ps in table.items() if isinstance(by_ps, dict)
+            for ps, value in by_ps.items() if value is not None}
 
 
 def write_final(results: dict[str, dict], workdir: str, step: int, plot=None) -> dict:

@@ -51,7 +51,7 @@ def detection_objective(config, model, mesh) -> Objective:
         return final
 
     return Objective("detection", None, evaluator, batch_loss=detection.batch_loss,
-                     batch_fn=detection.model_batch, flat_metrics=detection.flat_metrics,
+                     batch_fn=detection.model_batch, flat_metrics=evaluation.flat_by_patch_size,
                      format_table=detection.format_table, write_final=write_final,
                      headline="COCO AP (%)")
 

@@ -146,13 +146,6 @@ class SegmentationEvaluator(Evaluator):
         return table
 
 
-def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """Scalars for TensorBoard, e.g. ``test/foreground_iou/psdefault``."""
-    return {f"{split}/{metric}/ps{ps}": value for split, table in results.items()
-            for metric, by_ps in table.items() if isinstance(by_ps, dict)
-            for ps, value in by_ps.items() if value is not None}
-
-
 def format_table(table: dict, title: str = "") -> str:
     """One row per metric: the model's value and, where evaluated, the coarse input's."""
     rows = [("metric", "model", "coarse input")]
@@ -162,10 +155,7 @@ def format_table(table: dict, title: str = "") -> str:
         coarse = table.get(f"coarse_{metric}", {}).get(DEFAULT)
         rows.append((metric, f"{table[metric][DEFAULT]:.4f}",
                      "-" if coarse is None else f"{coarse:.4f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [title] if title else []
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return evaluation.aligned_text(rows, title)
 
 
 def plot_metrics(table: dict, path: str, title: str = "") -> None:
@@ -197,7 +187,7 @@ def segmentation_objective(config, model, mesh) -> Objective:
     this module's table, TensorBoard and final-file functions."""
     loss_fn = losses.mean_over_pixels(losses.make_loss(config))
     return Objective("segmentation", loss_fn, SegmentationEvaluator(model, loss_fn, config, mesh),
-                     flat_metrics=flat_metrics, format_table=format_table,
+                     flat_metrics=evaluation.flat_by_patch_size, format_table=format_table,
                      write_final=write_final, headline="segmentation")
 
 
